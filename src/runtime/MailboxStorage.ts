@@ -1,0 +1,154 @@
+/**
+ * The durable mailbox: `actor_mailbox` rows, the wake-up NOTIFY sent in the same statement,
+ * claims in batches, acknowledgements, dead letters and the diagnostic message log.
+ *
+ * A row is addressed to the node that hosts its actor, looked up in `actor_registry` inside
+ * the insert itself, so a tell never needs a registry round trip and a tell to an unknown id
+ * is detected in the same statement.
+ */
+import { SqlClient } from "@effect/sql"
+import { Effect } from "effect"
+import { nodeChannel } from "../protocol/Ids.ts"
+
+/** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
+export interface OutboundRow {
+  readonly messageId: string
+  readonly actorId: string | null
+  readonly kind: "tell" | "ask" | "reply"
+  readonly sender: string
+  readonly replyTo: string | null
+  readonly correlationId: string | null
+  /** The encoded message, as JSON text. */
+  readonly body: string
+  readonly nodeId: string | null
+}
+
+/** A claimed row. */
+export interface InboundRow {
+  readonly id: string
+  readonly message_id: string
+  readonly actor_id: string | null
+  readonly kind: "tell" | "ask" | "reply"
+  readonly sender: string
+  readonly reply_to: string | null
+  readonly correlation_id: string | null
+  readonly body: unknown
+}
+
+/** A dead letter to store. */
+export interface DeadLetter {
+  readonly messageId: string
+  readonly actorId: string | null
+  readonly nodeId: string
+  readonly sender: string
+  readonly body: unknown
+  readonly errorTag: string
+  readonly reason: string
+}
+
+/** Create the storage functions over the current `SqlClient`. */
+export const make = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+
+  /**
+   * Insert a batch in order and NOTIFY each target node once, in one statement (one
+   * transaction). Returns the message ids that were inserted, with their node.
+   */
+  const insert = (rows: ReadonlyArray<OutboundRow>) =>
+    sql<{ message_id: string; node_id: string }>`
+      WITH input AS (
+        SELECT * FROM unnest(
+          ${rows.map((r) => r.messageId)}::uuid[], ${rows.map((r) => r.actorId)}::text[],
+          ${rows.map((r) => r.kind)}::text[], ${rows.map((r) => r.sender)}::text[],
+          ${rows.map((r) => r.replyTo)}::text[], ${rows.map((r) => r.correlationId)}::uuid[],
+          ${rows.map((r) => r.body)}::text[], ${rows.map((r) => r.nodeId)}::text[]
+        ) WITH ORDINALITY AS u(message_id, actor_id, kind, sender, reply_to, correlation_id, body, node_id, ord)
+      ),
+      ins AS (
+        INSERT INTO actor_mailbox (message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body)
+        SELECT i.message_id, COALESCE(i.node_id, r.node_id), i.actor_id, i.kind, i.sender, i.reply_to,
+               i.correlation_id, i.body::jsonb
+        FROM input i LEFT JOIN actor_registry r ON i.node_id IS NULL AND r.actor_id = i.actor_id
+        WHERE COALESCE(i.node_id, r.node_id) IS NOT NULL
+        ORDER BY i.ord
+        ON CONFLICT (message_id) DO NOTHING
+        RETURNING message_id, node_id
+      ),
+      woken AS (
+        SELECT count(pg_notify(${nodeChannel("")} || d.node_id, 'm')) AS n FROM (SELECT DISTINCT node_id FROM ins) d
+      )
+      SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`.withoutTransform
+
+  /** Which of these actor ids are registered (to tell a retried insert from an unknown actor). */
+  const registered = (actorIds: ReadonlyArray<string>) =>
+    sql<{
+      actor_id: string
+    }>`SELECT actor_id FROM actor_registry WHERE actor_id = ANY(${actorIds}::text[])`.pipe(
+      Effect.map((rows) => new Set(rows.map((r) => r.actor_id)))
+    )
+
+  /** Claim up to `limit` unclaimed rows of a node under a fresh claim token, oldest first. */
+  const claim = (nodeId: string, token: string, limit: number) =>
+    sql<InboundRow>`
+      UPDATE actor_mailbox m SET claim = ${token}::uuid
+      WHERE m.id IN (
+        SELECT id FROM actor_mailbox WHERE node_id = ${nodeId} AND claim IS NULL
+        ORDER BY id LIMIT ${limit} FOR UPDATE SKIP LOCKED
+      )
+      RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
+                m.correlation_id::text AS correlation_id, m.body`.withoutTransform.pipe(
+      Effect.map((rows) => [...rows].sort(byId))
+    )
+
+  /** Give claims back: those under the given tokens, or (no tokens) every claim of the node. */
+  const release = (nodeId: string, tokens?: ReadonlyArray<string>) =>
+    tokens === undefined
+      ? sql`UPDATE actor_mailbox SET claim = NULL WHERE node_id = ${nodeId} AND claim IS NOT NULL`
+      : sql`UPDATE actor_mailbox SET claim = NULL WHERE node_id = ${nodeId} AND claim = ANY(${tokens}::uuid[])`
+
+  /** Give back specific claimed rows (graceful shutdown: queued but not handled). */
+  const unclaim = (ids: ReadonlyArray<string>) =>
+    sql`UPDATE actor_mailbox SET claim = NULL WHERE id = ANY(${ids}::bigint[])`
+
+  /** Acknowledge handled rows: delete them, keeping a copy in the message log when `log` is on. */
+  const ack = (ids: ReadonlyArray<string>, log: boolean) =>
+    log
+      ? sql`
+        WITH d AS (DELETE FROM actor_mailbox WHERE id = ANY(${ids}::bigint[]) RETURNING *)
+        INSERT INTO actor_message_log (id, message_id, node_id, actor_id, kind, sender, body, sent_at)
+        SELECT id, message_id, node_id, actor_id, kind, sender, body, created_at FROM d WHERE kind <> 'reply'
+        ON CONFLICT (id) DO NOTHING`
+      : sql`DELETE FROM actor_mailbox WHERE id = ANY(${ids}::bigint[])`
+
+  /** Readdress rows to the node that now hosts their actor, and wake it. */
+  const forward = (ids: ReadonlyArray<string>, nodeId: string) =>
+    sql`
+      WITH f AS (UPDATE actor_mailbox SET node_id = ${nodeId}, claim = NULL WHERE id = ANY(${ids}::bigint[]) RETURNING 1)
+      SELECT pg_notify(${nodeChannel(nodeId)}, 'm'), (SELECT count(*) FROM f)`
+
+  /** Store dead letters. */
+  const deadLetter = (letters: ReadonlyArray<DeadLetter>) =>
+    sql`
+      INSERT INTO actor_dead_letters (message_id, actor_id, node_id, sender, body, error_tag, reason)
+      SELECT * FROM unnest(
+        ${letters.map((l) => l.messageId)}::uuid[], ${letters.map((l) => l.actorId)}::text[],
+        ${letters.map((l) => l.nodeId)}::text[], ${letters.map((l) => l.sender)}::text[],
+        ${letters.map((l) => JSON.stringify(l.body ?? null))}::jsonb[], ${letters.map((l) => l.errorTag)}::text[],
+        ${letters.map((l) => l.reason)}::text[]
+      )`
+
+  /** Drop message-log rows older than the retention. */
+  const trimLog = (olderThanSeconds: number) =>
+    sql`DELETE FROM actor_message_log WHERE handled_at < now() - make_interval(secs => ${olderThanSeconds})`
+
+  return { insert, registered, claim, release, unclaim, ack, forward, deadLetter, trimLog } as const
+})
+
+/** The storage functions. */
+export type MailboxStorage = Effect.Effect.Success<typeof make>
+
+// --- internal ---
+
+/** Order bigint ids given as decimal strings. */
+const byId = (a: { id: string }, b: { id: string }) =>
+  a.id.length !== b.id.length ? a.id.length - b.id.length : a.id < b.id ? -1 : a.id > b.id ? 1 : 0

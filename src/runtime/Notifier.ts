@@ -1,0 +1,132 @@
+/**
+ * LISTEN on a dedicated, direct connection that reconnects.
+ *
+ * `PgClient.listen` of `@effect/sql-pg` neither reconnects nor reports a reconnect, and a
+ * NOTIFY sent while the connection was down is gone for good. So this notifier owns its
+ * connection, reconnects with exponential backoff and full jitter, re-issues every LISTEN,
+ * and then calls the `onConnect` hooks: that is where a consumer drains what it missed.
+ */
+import { Deferred, Duration, Effect, Fiber, Random, Redacted, type Scope } from "effect"
+import pg from "pg"
+
+/** A running listener. */
+export interface Notifier {
+  /** Subscribe to a channel; the callback runs on every NOTIFY on it. */
+  readonly listen: (channel: string, onPayload: (payload: string) => void) => Effect.Effect<void>
+  /** Run after every (re)connect, once all LISTENs are in place. Runs at once if connected now. */
+  readonly onConnect: (hook: () => void) => Effect.Effect<void>
+  /** Resolves once the first connection is listening (fails if `failFast` and the first attempt fails). */
+  readonly ready: Effect.Effect<void, unknown>
+  /** How many times the connection was established. */
+  readonly connections: () => number
+}
+
+/** Options of a notifier. */
+export interface Options {
+  readonly url: Redacted.Redacted<string>
+  /** `application_name` of the session, so operators (and tests) can find it. */
+  readonly applicationName: string
+  readonly minBackoff?: Duration.DurationInput
+  readonly maxBackoff?: Duration.DurationInput
+  /** Run on every new connection before the LISTENs (e.g. take an advisory lock); a rejection drops the connection. */
+  readonly setup?: (client: pg.Client) => Promise<void>
+  /** When the first connection fails, fail `ready` instead of retrying quietly. */
+  readonly failFast?: boolean
+}
+
+/** Start a notifier for the lifetime of the scope. */
+export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const channels = new Map<string, Set<(payload: string) => void>>()
+    const hooks = new Set<() => void>()
+    const ready = yield* Deferred.make<void, unknown>()
+    let client: pg.Client | undefined
+    let connected = false
+    let connections = 0
+    const minMs = Duration.toMillis(options.minBackoff ?? "50 millis")
+    const maxMs = Duration.toMillis(options.maxBackoff ?? "5 seconds")
+
+    const dispatch = (msg: pg.Notification) => {
+      const subs = channels.get(msg.channel)
+      if (subs) for (const f of subs) f(msg.payload ?? "")
+    }
+
+    const listenSql = (c: pg.Client, channel: string) => c.query(`LISTEN ${c.escapeIdentifier(channel)}`)
+
+    // One connection's life: connect, LISTEN, run hooks, wait for it to break.
+    const session = Effect.gen(function* () {
+      const lost = yield* Deferred.make<void>()
+      const c = new pg.Client({
+        connectionString: Redacted.value(options.url),
+        application_name: options.applicationName,
+        keepAlive: true,
+        connectionTimeoutMillis: 5_000
+      })
+      c.on("error", () => Deferred.unsafeDone(lost, Effect.void))
+      c.on("end", () => Deferred.unsafeDone(lost, Effect.void))
+      c.on("notification", dispatch)
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          connected = false
+          if (client === c) client = undefined
+          c.removeAllListeners("notification")
+        }).pipe(Effect.zipRight(Effect.promise(() => c.end().catch(() => undefined))))
+      )
+      yield* Effect.tryPromise(async () => {
+        await c.connect()
+        if (options.setup) await options.setup(c)
+        client = c
+        for (const channel of channels.keys()) await listenSql(c, channel)
+      }).pipe(
+        Effect.tapError((cause) =>
+          connections === 0 && options.failFast ? Deferred.fail(ready, cause.error) : Effect.void
+        )
+      )
+      connected = true
+      connections++
+      for (const hook of hooks) hook()
+      yield* Deferred.succeed(ready, undefined)
+      yield* Deferred.await(lost)
+    }).pipe(Effect.scoped)
+
+    const loop = Effect.gen(function* () {
+      let attempt = 0
+      while (true) {
+        const before = connections
+        yield* Effect.exit(session)
+        if (connections > before) attempt = 0
+        const cap = Math.min(maxMs, minMs * 2 ** attempt)
+        attempt++
+        const delay = Math.round((yield* Random.next) * cap)
+        if (connections === before && attempt > 1) {
+          yield* Effect.logDebug(
+            `listener ${options.applicationName}: reconnecting in ${delay} ms (attempt ${attempt})`
+          )
+        }
+        yield* Effect.sleep(Duration.millis(delay))
+      }
+    })
+    const fiber = yield* Effect.forkScoped(Effect.interruptible(loop))
+    yield* Effect.addFinalizer(() => Fiber.interrupt(fiber))
+
+    return {
+      listen: (channel, onPayload) =>
+        Effect.gen(function* () {
+          let subs = channels.get(channel)
+          if (!subs) {
+            subs = new Set()
+            channels.set(channel, subs)
+            const c = client
+            if (c) yield* Effect.promise(() => listenSql(c, channel).catch(() => undefined))
+          }
+          subs.add(onPayload)
+        }),
+      onConnect: (hook) =>
+        Effect.sync(() => {
+          hooks.add(hook)
+          if (connected) hook()
+        }),
+      ready: Deferred.await(ready),
+      connections: () => connections
+    } satisfies Notifier
+  })
