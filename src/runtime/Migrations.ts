@@ -99,10 +99,157 @@ const m0002_mailbox_vacuum = Effect.gen(function* () {
     autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 5000)`
 })
 
+/**
+ * Jobs and workers. `gh_*` tables keep the names and columns the client app reads directly
+ * (a contract); `callback_outbox` and `leases` are ours.
+ *
+ * `attempts` is also the fencing epoch of a job's current attempt: every write of an owner
+ * names the attempt it holds, so a stale owner's late write matches no row.
+ */
+const m0003_jobs = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  yield* sql`
+    CREATE TABLE gh_automation_jobs (
+      id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+      valet_task_id text,
+      job_type text NOT NULL,
+      payload jsonb NOT NULL DEFAULT '{}',
+      status text NOT NULL DEFAULT 'queued'
+        CHECK (status IN ('queued', 'running', 'needs_human', 'completed', 'failed', 'cancelled')),
+      target_worker_id text,
+      worker_affinity text NOT NULL DEFAULT 'any' CHECK (worker_affinity IN ('strict', 'preferred', 'any')),
+      worker_id text,
+      node_id text,
+      priority integer NOT NULL DEFAULT 0,
+      attempts integer NOT NULL DEFAULT 0,
+      max_attempts integer NOT NULL DEFAULT 3,
+      timeout_seconds integer,
+      callback_url text,
+      interaction jsonb,
+      result jsonb,
+      error_code text,
+      error_message text,
+      cost jsonb NOT NULL DEFAULT '{"total_cost_usd": 0, "action_count": 0, "total_tokens": 0, "breakdown": []}',
+      run_at timestamptz NOT NULL DEFAULT now(),
+      open_at timestamptz,
+      deadline_at timestamptz,
+      created_at timestamptz NOT NULL DEFAULT now(),
+      updated_at timestamptz NOT NULL DEFAULT now(),
+      started_at timestamptz,
+      finished_at timestamptz
+    )`
+  yield* sql`CREATE INDEX gh_automation_jobs_queued ON gh_automation_jobs (priority DESC, created_at, id)
+    WHERE status = 'queued'`
+  yield* sql`CREATE INDEX gh_automation_jobs_live ON gh_automation_jobs (node_id)
+    WHERE status IN ('running', 'needs_human')`
+  yield* sql`CREATE INDEX gh_automation_jobs_worker ON gh_automation_jobs (worker_id, status)`
+  yield* sql`CREATE INDEX gh_automation_jobs_valet_task ON gh_automation_jobs (valet_task_id)`
+  yield* sql`CREATE INDEX gh_automation_jobs_created ON gh_automation_jobs (created_at DESC)`
+  yield* sql`
+    CREATE TABLE gh_job_events (
+      id bigserial PRIMARY KEY,
+      job_id uuid NOT NULL,
+      event_type text NOT NULL,
+      message text NOT NULL DEFAULT '',
+      actor text,
+      metadata jsonb NOT NULL DEFAULT '{}',
+      created_at timestamptz NOT NULL DEFAULT now()
+    )`
+  yield* sql`CREATE INDEX gh_job_events_job ON gh_job_events (job_id, id)`
+  yield* sql`
+    CREATE TABLE gh_worker_registry (
+      worker_id text PRIMARY KEY,
+      status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'draining', 'offline')),
+      target_worker_id text,
+      ec2_instance_id text,
+      ec2_ip text,
+      current_job_id uuid,
+      current_task_url text,
+      browser_session_id text,
+      node_id text,
+      max_concurrent integer NOT NULL DEFAULT 1,
+      registered_at timestamptz NOT NULL DEFAULT now(),
+      last_heartbeat timestamptz NOT NULL DEFAULT now(),
+      jobs_completed integer NOT NULL DEFAULT 0,
+      jobs_failed integer NOT NULL DEFAULT 0,
+      deregistered_at timestamptz,
+      deregister_reason text
+    )`
+  yield* sql`CREATE INDEX gh_worker_registry_target ON gh_worker_registry (target_worker_id)`
+  yield* sql`CREATE INDEX gh_worker_registry_node ON gh_worker_registry (node_id)`
+  yield* sql`
+    CREATE TABLE gh_worker_events (
+      id bigserial PRIMARY KEY,
+      worker_id text NOT NULL,
+      event_type text NOT NULL,
+      message text NOT NULL DEFAULT '',
+      metadata jsonb NOT NULL DEFAULT '{}',
+      created_at timestamptz NOT NULL DEFAULT now()
+    )`
+  yield* sql`CREATE INDEX gh_worker_events_worker ON gh_worker_events (worker_id, id)`
+  yield* sql`
+    CREATE TABLE callback_outbox (
+      id bigserial PRIMARY KEY,
+      job_id uuid NOT NULL,
+      url text NOT NULL,
+      status text NOT NULL,
+      payload jsonb NOT NULL,
+      idempotency_key text NOT NULL UNIQUE,
+      attempts integer NOT NULL DEFAULT 0,
+      next_attempt_at timestamptz NOT NULL DEFAULT now(),
+      locked_by text,
+      locked_until timestamptz,
+      delivered_at timestamptz,
+      failed_at timestamptz,
+      last_error text,
+      created_at timestamptz NOT NULL DEFAULT now()
+    )`
+  yield* sql`CREATE INDEX callback_outbox_due ON callback_outbox (next_attempt_at, id)
+    WHERE delivered_at IS NULL AND failed_at IS NULL`
+  yield* sql`CREATE INDEX callback_outbox_job ON callback_outbox (job_id, id)`
+  yield* sql`
+    CREATE TABLE leases (
+      name text PRIMARY KEY,
+      holder text NOT NULL,
+      expires_at timestamptz NOT NULL
+    )`
+  // The callback body of a job as it is now (the shape the client app expects).
+  yield* sql.unsafe(`
+    CREATE FUNCTION troupe_callback_payload(j gh_automation_jobs) RETURNS jsonb LANGUAGE sql STABLE AS $$
+      SELECT jsonb_build_object(
+        'job_id', j.id, 'valet_task_id', j.valet_task_id, 'status', j.status, 'worker_id', j.worker_id,
+        'target_worker_id', j.target_worker_id, 'worker_affinity', j.worker_affinity, 'cost', j.cost)
+        || CASE WHEN j.status = 'needs_human' THEN jsonb_build_object('interaction', j.interaction) ELSE '{}' END
+        || CASE WHEN j.status IN ('completed', 'failed', 'cancelled')
+             THEN jsonb_build_object('result', j.result, 'error_code', j.error_code, 'error_message', j.error_message,
+                                     'finished_at', j.finished_at)
+             ELSE '{}' END
+    $$`)
+  // Write a job event and, for a status change of a job with a callback url, its callback
+  // (same transaction); wake the dispatcher. Returns the event id.
+  yield* sql.unsafe(`
+    CREATE FUNCTION troupe_job_event(j gh_automation_jobs, p_type text, p_message text, p_actor text,
+                                     p_metadata jsonb, p_callback boolean) RETURNS bigint LANGUAGE plpgsql AS $$
+    DECLARE ev bigint;
+    BEGIN
+      INSERT INTO gh_job_events (job_id, event_type, message, actor, metadata)
+      VALUES (j.id, p_type, coalesce(p_message, ''), p_actor, coalesce(p_metadata, '{}'))
+      RETURNING id INTO ev;
+      IF p_callback AND j.callback_url IS NOT NULL THEN
+        INSERT INTO callback_outbox (job_id, url, status, payload, idempotency_key)
+        VALUES (j.id, j.callback_url, j.status, troupe_callback_payload(j), j.id::text || ':' || ev::text);
+        PERFORM pg_notify('callbacks:new', j.id::text);
+      END IF;
+      PERFORM pg_notify('job_events:new', ev::text);
+      RETURN ev;
+    END $$`)
+})
+
 /** All migrations, by id. Append; never edit one that has shipped. */
 export const migrations: Record<string, Effect.Effect<void, unknown, SqlClient.SqlClient>> = {
   "1_runtime": m0001_runtime,
-  "2_mailbox_vacuum": m0002_mailbox_vacuum
+  "2_mailbox_vacuum": m0002_mailbox_vacuum,
+  "3_jobs": m0003_jobs
 }
 
 const runMigrator = Migrator.make({})

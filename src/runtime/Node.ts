@@ -143,6 +143,10 @@ export interface TroupeNode {
   readonly stats: () => Stats
   /** Wake the claim loop (used by tests to check that nothing is pending). */
   readonly wake: () => void
+  /** Subscribe to a NOTIFY channel on the node's listener connection (kept across reconnects). */
+  readonly listen: (channel: string, onPayload: (payload: string) => void) => Effect.Effect<void>
+  /** Run after every (re)connect of the listener: where a consumer catches up on what it missed. */
+  readonly onReconnect: (hook: () => void) => Effect.Effect<void>
 }
 
 /** The node of this process. */
@@ -888,6 +892,8 @@ export const make = (
       tellRaw,
       askRaw,
       wake,
+      listen: notifier.listen,
+      onReconnect: notifier.onConnect,
       stats: () => {
         let running = 0
         for (const a of actors.values()) if (a.running) running++
