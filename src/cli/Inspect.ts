@@ -440,11 +440,304 @@ const tailCommand = Command.make(
     })
 ).pipe(Command.withDescription("follow mailbox traffic live: sent, handled and dead-lettered messages"))
 
+// --- jobs ---
+
+/** The statuses a job can be in (the CHECK of `gh_automation_jobs.status`, migration 3). */
+const jobStatuses = ["queued", "running", "needs_human", "completed", "failed", "cancelled"] as const
+
+const jobsCommand = Command.make(
+  "jobs",
+  {
+    json,
+    status: Options.text("status").pipe(
+      Options.optional,
+      Options.withDescription(`only jobs in this status: ${jobStatuses.join(", ")}`)
+    ),
+    worker: Options.text("worker").pipe(
+      Options.optional,
+      Options.withDescription("only jobs of this worker_id")
+    ),
+    limit: Options.integer("limit").pipe(
+      Options.withDefault(50),
+      Options.withDescription("at most this many rows")
+    )
+  },
+  ({ json, status, worker, limit }) =>
+    Effect.gen(function* () {
+      const only = Option.getOrNull(status)
+      if (only !== null && !(jobStatuses as ReadonlyArray<string>).includes(only)) {
+        return yield* new InspectError({
+          message: `--status "${only}" is not a job status: use one of ${jobStatuses.join(", ")}`
+        })
+      }
+      if (limit < 1) return yield* new InspectError({ message: `--limit must be at least 1 (got ${limit})` })
+      const sql = yield* SqlClient.SqlClient
+      const rows = yield* sql<{
+        id: string
+        valet_task_id: string | null
+        status: string
+        job_type: string
+        worker_affinity: string
+        target_worker_id: string | null
+        worker_id: string | null
+        node_id: string | null
+        priority: number
+        attempts: number
+        max_attempts: number
+        created_at: Date
+        started_at: Date | null
+        finished_at: Date | null
+      }>`
+        SELECT id, valet_task_id, status, job_type, worker_affinity, target_worker_id, worker_id, node_id, priority,
+          attempts, max_attempts, created_at, started_at, finished_at
+        FROM gh_automation_jobs
+        WHERE (${only}::text IS NULL OR status = ${only})
+          AND (${Option.getOrNull(worker)}::text IS NULL OR worker_id = ${Option.getOrNull(worker)})
+        ORDER BY created_at DESC, id DESC LIMIT ${limit}`
+      yield* print(json, rows, () =>
+        table(
+          rows.map((r) => ({
+            ...r,
+            affinity: r.worker_affinity,
+            target: r.target_worker_id,
+            worker: r.worker_id,
+            node: r.node_id,
+            attempts: `${r.attempts}/${r.max_attempts}`,
+            created: ago(r.created_at),
+            started: ago(r.started_at),
+            finished: ago(r.finished_at)
+          })),
+          [
+            "id",
+            "status",
+            "job_type",
+            "affinity",
+            "target",
+            "worker",
+            "node",
+            "attempts",
+            "created",
+            "started",
+            "finished"
+          ]
+        )
+      )
+    })
+).pipe(Command.withDescription("list jobs, newest first, with their status, worker, node and attempts"))
+
+// --- job <id> ---
+
+const jobCommand = Command.make("job", { json, id: Args.text({ name: "job-id" }) }, ({ json, id }) =>
+  Effect.gen(function* () {
+    if (!Schema.is(Schema.UUID)(id)) {
+      return yield* new InspectError({
+        message: `"${id}" is not a job id: expected a uuid, e.g. 0190c9d2-6f1e-4b7a-9d3c-2a5e8f1b7c44 (list them with \`troupe inspect jobs\`)`
+      })
+    }
+    const sql = yield* SqlClient.SqlClient
+    const [job] = yield* sql.unsafe<{
+      id: string
+      valet_task_id: string | null
+      job_type: string
+      status: string
+      worker_affinity: string
+      target_worker_id: string | null
+      worker_id: string | null
+      node_id: string | null
+      node_alive: boolean | null
+      node_state: string | null
+      priority: number
+      attempts: number
+      max_attempts: number
+      error_code: string | null
+      error_message: string | null
+      created_at: Date
+      started_at: Date | null
+      finished_at: Date | null
+      payload: unknown
+      result: unknown
+      interaction: unknown
+      cost: unknown
+    }>(
+      `SELECT j.*,
+        (SELECT ${aliveSql} FROM nodes n WHERE n.id = j.node_id) AS node_alive,
+        (SELECT CASE WHEN n.status = 'stopped' THEN 'stopped' WHEN ${aliveSql} THEN 'up' ELSE 'dead' END
+           FROM nodes n WHERE n.id = j.node_id) AS node_state
+       FROM gh_automation_jobs j WHERE j.id = $1::uuid`,
+      [id]
+    )
+    if (job === undefined) {
+      return yield* new InspectError({ message: `no job ${id} (list them with \`troupe inspect jobs\`)` })
+    }
+    const actorId = `job:${job.id}`
+    const [placement] = yield* sql<{ actor_id: string; node_id: string; epoch: string; status: string }>`
+      SELECT actor_id, node_id, epoch::text AS epoch, status FROM actor_registry WHERE actor_id = ${actorId}`
+    const events = yield* sql`
+      SELECT id::text AS id, event_type, message, actor, metadata, created_at
+      FROM gh_job_events WHERE job_id = ${job.id}::uuid ORDER BY id`
+    const callbacks = yield* sql`
+      SELECT id::text AS id, url, status, attempts, next_attempt_at, delivered_at, failed_at, last_error, created_at,
+        payload
+      FROM callback_outbox WHERE job_id = ${job.id}::uuid ORDER BY id`
+    const { node_alive, node_state, ...columns } = job
+    const out = {
+      ...columns,
+      node_alive: node_alive === true,
+      node_state: job.node_id === null ? null : (node_state ?? "unknown"),
+      actor: placement === undefined ? null : { ...placement, epoch: Number(placement.epoch) },
+      events,
+      callbacks
+    }
+    yield* print(json, out, () =>
+      [
+        `${out.id}  (${out.job_type}, ${out.status})`,
+        `  valet task   ${out.valet_task_id ?? "—"}`,
+        `  affinity     ${out.worker_affinity}${out.target_worker_id === null ? "" : ` (target ${out.target_worker_id})`}`,
+        `  worker       ${out.worker_id ?? "—"}`,
+        `  node         ${out.node_id === null ? "—" : `${out.node_id} (${out.node_state})`}`,
+        `  actor        ${out.actor === null ? "—" : `${out.actor.actor_id} on ${out.actor.node_id}, epoch ${out.actor.epoch} (${out.actor.status})`}`,
+        `  attempts     ${out.attempts}/${out.max_attempts}`,
+        `  priority     ${out.priority}`,
+        `  created      ${when(out.created_at)}`,
+        `  started      ${when(out.started_at)}`,
+        `  finished     ${when(out.finished_at)}`,
+        `  error        ${out.error_code === null && out.error_message === null ? "—" : `${out.error_code ?? "?"}: ${out.error_message ?? ""}`}`,
+        `  payload      ${JSON.stringify(out.payload)}`,
+        `  result       ${JSON.stringify(out.result)}`,
+        `  interaction  ${JSON.stringify(out.interaction)}`,
+        `  cost         ${JSON.stringify(out.cost)}`,
+        "",
+        "Events (oldest first):",
+        table(events as any, ["event_type", "message", "actor", "metadata", "created_at"]),
+        "",
+        "Callbacks:",
+        table(callbacks as any, [
+          "id",
+          "status",
+          "attempts",
+          "delivered_at",
+          "failed_at",
+          "last_error",
+          "url"
+        ])
+      ].join("\n")
+    )
+  })
+).pipe(
+  Command.withDescription(
+    "one job: state, payload, result, error, owner node (alive?), its actor, events and callbacks"
+  )
+)
+
+// --- workers ---
+
+const workersCommand = Command.make("workers", { json }, ({ json }) =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    const rows = yield* sql.unsafe<{
+      worker_id: string
+      status: string
+      node_id: string | null
+      node_alive: boolean
+      active_jobs: number
+      current_job_id: string | null
+      target_worker_id: string | null
+      ec2_instance_id: string | null
+      ec2_ip: string | null
+      max_concurrent: number
+      jobs_completed: number
+      jobs_failed: number
+      last_heartbeat: Date
+      registered_at: Date
+      deregistered_at: Date | null
+      deregister_reason: string | null
+    }>(`
+      SELECT w.worker_id, w.status, w.node_id, ${aliveSql} AS node_alive,
+        (SELECT count(*) FROM gh_automation_jobs j
+          WHERE j.worker_id = w.worker_id AND j.status IN ('running', 'needs_human'))::int AS active_jobs,
+        w.current_job_id, w.target_worker_id, w.ec2_instance_id, w.ec2_ip, w.max_concurrent, w.jobs_completed,
+        w.jobs_failed, w.last_heartbeat, w.registered_at, w.deregistered_at, w.deregister_reason
+      FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
+      ORDER BY w.worker_id`)
+    const now = Date.now()
+    const out = rows.map((r) => {
+      const state =
+        r.status === "offline" || !r.node_alive
+          ? "offline"
+          : r.active_jobs > 0
+            ? "busy"
+            : r.status === "draining"
+              ? "draining"
+              : "idle"
+      // An offline worker's uptime stops where it was last seen.
+      const until = state === "offline" ? new Date(r.deregistered_at ?? r.last_heartbeat).getTime() : now
+      return {
+        ...r,
+        state,
+        uptime_seconds: Math.max(0, Math.round((until - new Date(r.registered_at).getTime()) / 1000))
+      }
+    })
+    yield* print(json, out, () =>
+      table(
+        out.map((r) => ({
+          ...r,
+          active: r.active_jobs,
+          completed: r.jobs_completed,
+          failed: r.jobs_failed,
+          heartbeat: ago(r.last_heartbeat),
+          registered: ago(r.registered_at),
+          uptime: Duration.format(Duration.seconds(r.uptime_seconds))
+        })),
+        [
+          "worker_id",
+          "state",
+          "status",
+          "node_id",
+          "active",
+          "current_job_id",
+          "target_worker_id",
+          "ec2_instance_id",
+          "ec2_ip",
+          "completed",
+          "failed",
+          "heartbeat",
+          "registered",
+          "uptime"
+        ]
+      )
+    )
+  })
+).pipe(
+  Command.withDescription(
+    "list workers: idle, busy, draining or offline (status offline or node dead), with active jobs and counters"
+  )
+)
+
 /** `troupe inspect …` */
 export const command = Command.make("inspect").pipe(
   Command.withDescription(
     "look inside a running troupe through its database (DATABASE_URL, or the embedded one started here)"
   ),
-  Command.withSubcommands([nodesCommand, actorsCommand, actorCommand, sendCommand, tailCommand]),
+  Command.withSubcommands([
+    nodesCommand,
+    actorsCommand,
+    actorCommand,
+    sendCommand,
+    tailCommand,
+    jobsCommand,
+    jobCommand,
+    workersCommand
+  ]),
   Command.provide(DatabaseLive)
 )
+
+// --- internal ---
+
+/** A timestamp for a detail line: `2024-05-01 12:00:00Z (3s ago)`, or `—`. */
+const when = (d: unknown): string =>
+  d === null || d === undefined
+    ? "—"
+    : `${new Date(d as Date)
+        .toISOString()
+        .replace("T", " ")
+        .replace(/\.\d+Z$/, "Z")} (${ago(d as Date)})`
