@@ -130,6 +130,8 @@ export interface TroupeNode {
     keys: ReadonlyArray<string>,
     options?: { readonly activate?: boolean }
   ) => Effect.Effect<void, PersistenceError>
+  /** Let this node host actors of a kind whose actors are placed elsewhere (e.g. by a claim statement). */
+  readonly register: (actor: Actor.Any) => Effect.Effect<void>
   /** A handle on an actor wherever it lives (nothing is checked until a message is sent). */
   readonly ref: <M extends Schema.TaggedRequest.All, R>(actor: Actor.Actor<M, R>, key: string) => ActorRef<M>
   /** Send an already-encoded message to an actor id. */
@@ -888,6 +890,10 @@ export const make = (
       id: nodeId,
       spawn: (actor, key) => Effect.as(spawnMany(actor, [key]), ref(actor, key)),
       spawnMany,
+      register: (actor) =>
+        Effect.sync(() => {
+          if (!kinds.has(actor.kind)) kinds.set(actor.kind, actor)
+        }),
       ref,
       tellRaw,
       askRaw,

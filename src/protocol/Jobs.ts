@@ -1,0 +1,172 @@
+/**
+ * Jobs and workers on the wire: what a client submits, what it gets back, and the errors
+ * it can get. Schemas only: this module imports nothing but `effect`.
+ */
+import { Schema } from "effect"
+
+/** Where a job may run. */
+export const WorkerAffinity = Schema.Literal("strict", "preferred", "any")
+export type WorkerAffinity = typeof WorkerAffinity.Type
+
+/** A job's lifecycle: `queued → running → (needs_human ⇄ running) → completed | failed | cancelled`. */
+export const JobStatus = Schema.Literal("queued", "running", "needs_human", "completed", "failed", "cancelled")
+export type JobStatus = typeof JobStatus.Type
+
+/** The states a job never leaves. */
+export const terminalStatuses: ReadonlyArray<JobStatus> = ["completed", "failed", "cancelled"]
+
+/** True when a job in this status is finished for good. */
+export const isTerminal = (status: string): boolean => terminalStatuses.includes(status as JobStatus)
+
+const Id = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200))
+
+/** A job submission. */
+export class SubmitJob extends Schema.Class<SubmitJob>("SubmitJob")({
+  valet_task_id: Schema.optionalWith(Schema.NullOr(Id), { default: () => null }),
+  job_type: Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9._:-]{1,100}$/)),
+  payload: Schema.optionalWith(Schema.Unknown, { default: () => ({}) }),
+  target_worker_id: Schema.optionalWith(Schema.NullOr(Id), { default: () => null }),
+  worker_affinity: Schema.optionalWith(WorkerAffinity, { default: () => "any" as const }),
+  callback_url: Schema.optionalWith(
+    Schema.NullOr(Schema.String.pipe(Schema.pattern(/^https?:\/\/\S+$/), Schema.maxLength(2000))),
+    { default: () => null }
+  ),
+  priority: Schema.optionalWith(Schema.Int.pipe(Schema.between(-1000, 1000)), { default: () => 0 }),
+  max_attempts: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 100)), { default: () => 3 }),
+  timeout_seconds: Schema.optionalWith(Schema.NullOr(Schema.Int.pipe(Schema.between(1, 7 * 24 * 3600))), {
+    default: () => null
+  })
+}) {}
+
+/** What a handler raises to ask for a human (`needs_human`). */
+export class Interaction extends Schema.Class<Interaction>("Interaction")({
+  type: Schema.String,
+  captcha_type: Schema.optional(
+    Schema.Literal("recaptcha_v2", "recaptcha_v3", "hcaptcha", "cloudflare_turnstile", "custom")
+  ),
+  difficulty: Schema.optional(Schema.Literal("easy", "medium", "hard")),
+  screenshot_url: Schema.optional(Schema.String),
+  page_url: Schema.optional(Schema.String),
+  element_selector: Schema.optional(Schema.String),
+  timeout_seconds: Schema.Int.pipe(Schema.between(1, 7 * 24 * 3600)),
+  message: Schema.String
+}) {}
+
+/** A human's answer to a `needs_human` job. */
+export class Resolution extends Schema.Class<Resolution>("Resolution")({
+  resolved_by: Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200)),
+  resolution_data: Schema.optional(Schema.Unknown)
+}) {}
+
+/** How to take a worker out of service. */
+export class DeregisterRequest extends Schema.Class<DeregisterRequest>("DeregisterRequest")({
+  worker_id: Schema.optional(Id),
+  target_worker_id: Schema.optional(Id),
+  reason: Schema.optionalWith(Schema.String, { default: () => "deregistered" }),
+  cancel_active_jobs: Schema.optionalWith(Schema.Boolean, { default: () => false }),
+  drain_timeout_seconds: Schema.optionalWith(Schema.Number.pipe(Schema.between(0, 24 * 3600)), {
+    default: () => 30
+  })
+}) {}
+
+/** The outcome of a deregistration. */
+export const DeregisterResult = Schema.Struct({
+  worker_ids: Schema.Array(Schema.String),
+  cancelled_job_ids: Schema.Array(Schema.String)
+})
+export type DeregisterResult = typeof DeregisterResult.Type
+
+/** A job as the system reports it (a row of `gh_automation_jobs`). */
+export const Job = Schema.Struct({
+  id: Schema.String,
+  valet_task_id: Schema.NullOr(Schema.String),
+  job_type: Schema.String,
+  payload: Schema.Unknown,
+  status: JobStatus,
+  target_worker_id: Schema.NullOr(Schema.String),
+  worker_affinity: WorkerAffinity,
+  worker_id: Schema.NullOr(Schema.String),
+  node_id: Schema.NullOr(Schema.String),
+  priority: Schema.Number,
+  attempts: Schema.Number,
+  max_attempts: Schema.Number,
+  timeout_seconds: Schema.NullOr(Schema.Number),
+  callback_url: Schema.NullOr(Schema.String),
+  interaction: Schema.NullOr(Schema.Unknown),
+  result: Schema.NullOr(Schema.Unknown),
+  error_code: Schema.NullOr(Schema.String),
+  error_message: Schema.NullOr(Schema.String),
+  cost: Schema.Unknown,
+  created_at: Schema.String,
+  started_at: Schema.NullOr(Schema.String),
+  finished_at: Schema.NullOr(Schema.String)
+})
+export type Job = typeof Job.Type
+
+// --- Errors ---
+
+/** The target worker cannot take the job (offline, draining, full), or died holding a strict job. */
+export class WorkerUnavailable extends Schema.TaggedError<WorkerUnavailable>()("WorkerUnavailable", {
+  target_worker_id: Schema.String,
+  reason: Schema.String
+}) {
+  readonly code = "WORKER_UNAVAILABLE"
+  override get message() {
+    return `worker "${this.target_worker_id}" cannot take the job: ${this.reason} (submit with worker_affinity "preferred" or "any" to let another worker run it)`
+  }
+}
+
+/** No job (or worker) with this id. */
+export class NotFound extends Schema.TaggedError<NotFound>()("NotFound", {
+  what: Schema.String,
+  id: Schema.String
+}) {
+  readonly code = "NOT_FOUND"
+  override get message() {
+    return `no ${this.what} "${this.id}"`
+  }
+}
+
+/** The request does not fit the job's current state (resume of a job that is not waiting, cancel of a finished one). */
+export class Conflict extends Schema.TaggedError<Conflict>()("Conflict", {
+  job_id: Schema.String,
+  status: Schema.String,
+  reason: Schema.String
+}) {
+  readonly code = "CONFLICT"
+  override get message() {
+    return `job ${this.job_id} is ${this.status}: ${this.reason}`
+  }
+}
+
+/** The input does not match its Schema. */
+export class InvalidRequest extends Schema.TaggedError<InvalidRequest>()("InvalidRequest", {
+  reason: Schema.String
+}) {
+  readonly code = "INVALID_FRAME"
+  override get message() {
+    return `invalid request: ${this.reason}`
+  }
+}
+
+/** The node holding the job or worker did not answer in time; the request may still take effect. */
+export class RequestTimeout extends Schema.TaggedError<RequestTimeout>()("RequestTimeout", {
+  target: Schema.String,
+  timeout_ms: Schema.Number
+}) {
+  readonly code = "TIMEOUT"
+  override get message() {
+    return `${this.target} did not answer within ${this.timeout_ms} ms; check its state with \`troupe inspect\` before retrying`
+  }
+}
+
+/** Error codes a job can finish with (besides a handler's own `code`). */
+export const JobErrorCode = {
+  workerUnavailable: "WORKER_UNAVAILABLE",
+  maxAttempts: "MAX_ATTEMPTS",
+  timeout: "TIMEOUT",
+  hitlTimeout: "HITL_TIMEOUT",
+  unknownJobType: "UNKNOWN_JOB_TYPE",
+  handlerCrashed: "HANDLER_CRASHED",
+  cancelled: "CANCELLED"
+} as const

@@ -1,0 +1,609 @@
+/**
+ * `gh_automation_jobs`, `gh_job_events`, `gh_worker_registry`, `gh_worker_events`: every
+ * statement about jobs and workers, each one round trip.
+ *
+ * A job's `attempts` is the fencing epoch of its current attempt: every write of an owner
+ * names the attempt it holds (`AND attempts = ${epoch}`), so once the reaper has requeued a
+ * job, the old owner's late writes match nothing. Every status change writes its event and
+ * its callback (`troupe_job_event`) in the same statement.
+ */
+import { SqlClient } from "@effect/sql"
+import * as Statement from "@effect/sql/Statement"
+import { Effect } from "effect"
+import type { Interaction, Job, SubmitJob } from "../protocol/Jobs.ts"
+import { aliveSql } from "./NodeMembership.ts"
+
+/** The NOTIFY channel workers of a node listen on for targeted jobs. */
+export const nodeJobsChannel = (nodeId: string): string => `jobs:${nodeId}`
+
+/** The NOTIFY channel every worker listens on: a job anyone may claim. */
+export const anyJobsChannel = "jobs:any"
+
+/** A claimed job, as the worker runs it. */
+export interface Claimed {
+  readonly id: string
+  readonly job_type: string
+  readonly payload: unknown
+  readonly attempts: number
+  readonly timeout_seconds: number | null
+  readonly worker_affinity: string
+  readonly target_worker_id: string | null
+  readonly valet_task_id: string | null
+  readonly cost: unknown
+}
+
+/** How a job ends. */
+export interface Outcome {
+  readonly status: "completed" | "failed" | "cancelled"
+  readonly result?: unknown
+  readonly errorCode?: string | null
+  readonly errorMessage?: string | null
+  readonly eventType: string
+  readonly message: string
+  readonly metadata: Record<string, unknown>
+}
+
+/** A worker's registration. */
+export interface WorkerRegistration {
+  readonly workerId: string
+  readonly nodeId: string
+  readonly targetWorkerId: string | null
+  readonly ec2InstanceId: string | null
+  readonly ec2Ip: string | null
+  readonly maxConcurrent: number
+}
+
+/** Why a strict submit was refused, from the target's row. */
+export interface TargetState {
+  readonly exists: boolean
+  readonly status: string | null
+  readonly alive: boolean
+  readonly load: number
+  readonly maxConcurrent: number
+}
+
+/** Create the storage functions over the current `SqlClient`. */
+export const make = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+
+  /** Which workers a target names: its worker id, or the sandbox id it registered with. */
+  const targets = (target: string | null) =>
+    sql`SELECT w.worker_id, w.node_id, w.status, w.max_concurrent,
+          (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive,
+          (SELECT count(*) FROM gh_automation_jobs j
+             WHERE (j.worker_id = w.worker_id AND j.status IN ('running', 'needs_human'))
+                OR (j.status = 'queued' AND j.worker_affinity = 'strict'
+                    AND j.target_worker_id IN (w.worker_id, w.target_worker_id)))::int AS load
+        FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
+        WHERE ${target}::text IS NOT NULL AND (w.worker_id = ${target}::text OR w.target_worker_id = ${target}::text)`
+
+  /**
+   * Insert a job and wake who should claim it: the target's node for `strict` and
+   * `preferred` when the target is up, everyone otherwise. A `strict` job is inserted only
+   * if its target is active, alive and not full (the same statement decides). A
+   * `preferred` job is open to all at once when its target is not up, else after `preferredWaitMs`.
+   */
+  const insert = (job: SubmitJob, preferredWaitMs: number) =>
+    sql<JobRow & { woke: string }>`
+      WITH t AS (${targets(job.target_worker_id)}),
+      avail AS (SELECT * FROM t WHERE status = 'active' AND alive ORDER BY load LIMIT 1),
+      ins AS (
+        INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, target_worker_id, worker_affinity,
+          callback_url, priority, max_attempts, timeout_seconds, open_at)
+        SELECT ${job.valet_task_id}::text, ${job.job_type}::text, ${JSON.stringify(job.payload ?? {})}::jsonb,
+          ${job.target_worker_id}::text, ${job.worker_affinity}::text, ${job.callback_url}::text, ${job.priority}::int,
+          ${job.max_attempts}::int, ${job.timeout_seconds}::int,
+          CASE WHEN ${job.worker_affinity}::text = 'preferred' THEN
+            CASE WHEN EXISTS (SELECT 1 FROM avail) THEN now() + make_interval(secs => ${preferredWaitMs / 1000}::float8)
+                 ELSE now() END
+          END
+        WHERE ${job.worker_affinity}::text <> 'strict' OR EXISTS (SELECT 1 FROM avail WHERE load < max_concurrent)
+        RETURNING *
+      )
+      SELECT ${jobColumns("ins")},
+        pg_notify('jobs:' || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
+                                   ELSE 'any' END, ins.id::text) IS NULL AS woke
+      FROM ins LEFT JOIN avail a ON true`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+
+  /** Why a target cannot take a strict job now. */
+  const targetState = (target: string) =>
+    Effect.map(
+      sql<{ status: string; alive: boolean; load: number; max_concurrent: number }>`${targets(target)}`
+        .withoutTransform,
+      (rows): TargetState => {
+        const best = rows.find((r) => r.status === "active" && r.alive) ?? rows[0]
+        return best === undefined
+          ? { exists: false, status: null, alive: false, load: 0, maxConcurrent: 0 }
+          : { exists: true, status: best.status, alive: best.alive, load: best.load, maxConcurrent: best.max_concurrent }
+      }
+    )
+
+  /**
+   * Claim up to `limit` jobs this worker may run, oldest of the highest priority first:
+   * mark them running under a new attempt, place their `job:<id>` actors on this node
+   * (moving any messages waiting for an earlier placement), write `job_started` and its
+   * callback, and point the worker's `current_job_id` at one of them. One statement.
+   */
+  const claim = (worker: WorkerRegistration, limit: number) =>
+    sql<Claimed & { attempts: number }>`
+      WITH picked AS (
+        SELECT id FROM gh_automation_jobs
+        WHERE status = 'queued' AND run_at <= now()
+          AND (worker_affinity = 'any'
+               OR target_worker_id = ${worker.workerId}::text
+               OR target_worker_id = ${worker.targetWorkerId}::text
+               OR (worker_affinity = 'preferred' AND open_at <= now()))
+          AND EXISTS (SELECT 1 FROM gh_worker_registry WHERE worker_id = ${worker.workerId} AND status = 'active')
+        ORDER BY priority DESC, created_at, id
+        LIMIT ${limit}
+        FOR UPDATE SKIP LOCKED
+      ),
+      claimed AS (
+        UPDATE gh_automation_jobs j SET status = 'running', worker_id = ${worker.workerId}, node_id = ${worker.nodeId},
+          attempts = j.attempts + 1, started_at = coalesce(j.started_at, now()), updated_at = now(),
+          deadline_at = CASE WHEN j.timeout_seconds IS NULL THEN NULL
+                             ELSE now() + make_interval(secs => j.timeout_seconds) END
+        FROM picked WHERE j.id = picked.id
+        RETURNING j AS job, j.id, j.attempts
+      ),
+      placed AS (
+        INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
+        SELECT 'job:' || id, 'job', ${worker.nodeId}::text, attempts FROM claimed
+        ON CONFLICT (actor_id) DO UPDATE SET node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch,
+          status = 'active', updated_at = now()
+        RETURNING actor_id
+      ),
+      moved AS (
+        UPDATE actor_mailbox SET node_id = ${worker.nodeId}, claim = NULL
+        WHERE actor_id IN (SELECT 'job:' || id FROM claimed WHERE attempts > 1) AND node_id <> ${worker.nodeId}
+        RETURNING 1
+      ),
+      w AS (
+        UPDATE gh_worker_registry SET current_job_id = (SELECT id FROM claimed LIMIT 1), last_heartbeat = now()
+        WHERE worker_id = ${worker.workerId} AND EXISTS (SELECT 1 FROM claimed)
+        RETURNING 1
+      ),
+      ev AS (
+        SELECT c.id, troupe_job_event(c.job, 'job_started', 'Job assigned to ' || ${worker.workerId}::text,
+          ${worker.workerId}::text,
+          jsonb_build_object('worker_id', ${worker.workerId}::text, 'node_id', ${worker.nodeId}::text, 'attempt', c.attempts,
+                             'elapsed_ms', 0), true) AS event_id,
+          CASE WHEN c.attempts > 1 THEN pg_notify('registry:changed', 'job:' || c.id) END AS invalidated
+        FROM claimed c
+      )
+      SELECT (c.job).id::text AS id, (c.job).job_type, (c.job).payload, (c.job).attempts, (c.job).timeout_seconds,
+        (c.job).worker_affinity, (c.job).target_worker_id, (c.job).valet_task_id, (c.job).cost
+      FROM claimed c JOIN ev ON ev.id = c.id
+      WHERE (SELECT count(*) FROM placed) >= 0 AND (SELECT count(*) FROM moved) >= 0
+        AND (SELECT count(*) FROM w) >= 0`.withoutTransform
+
+  /**
+   * End the attempt `epoch` of a job: its final status, event and callback, the worker's
+   * counters, and the job's actor leaves the registry. Nothing happens (and `undefined`
+   * is returned) when the attempt is no longer the job's live one.
+   */
+  const finish = (jobId: string, epoch: number, outcome: Outcome) =>
+    sql<{ event_id: string; worker_id: string | null }>`
+      WITH j AS (
+        UPDATE gh_automation_jobs SET status = ${outcome.status}::text, result = ${json(outcome.result)}::jsonb,
+          error_code = ${outcome.errorCode ?? null}::text, error_message = ${outcome.errorMessage ?? null}::text,
+          finished_at = now(), updated_at = now(), interaction = NULL, deadline_at = NULL
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status IN ('running', 'needs_human')
+        RETURNING gh_automation_jobs AS job, worker_id
+      ),
+      w AS (
+        UPDATE gh_worker_registry SET
+          jobs_completed = jobs_completed + (CASE WHEN ${outcome.status}::text = 'completed' THEN 1 ELSE 0 END),
+          jobs_failed = jobs_failed + (CASE WHEN ${outcome.status}::text = 'failed' THEN 1 ELSE 0 END),
+          current_job_id = CASE WHEN current_job_id = ${jobId}::uuid THEN NULL ELSE current_job_id END
+        WHERE worker_id = (SELECT worker_id FROM j)
+        RETURNING 1
+      ),
+      r AS (DELETE FROM actor_registry WHERE actor_id = ${`job:${jobId}`}::text AND epoch = ${epoch}::int RETURNING 1)
+      SELECT troupe_job_event(j.job, ${outcome.eventType}::text, ${outcome.message}::text, j.worker_id,
+               ${JSON.stringify(outcome.metadata)}::jsonb, true)::text AS event_id, j.worker_id
+      FROM j WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0`.withoutTransform.pipe(
+      Effect.map((rows) => rows[0])
+    )
+
+  /** Cancel a job that no worker holds yet. Returns the job, or `undefined` if it was not queued. */
+  const cancelQueued = (jobId: string, reason: string) =>
+    sql<JobRow>`
+      WITH j AS (
+        UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
+          error_code = 'CANCELLED', error_message = ${reason}::text
+        WHERE id = ${jobId}::uuid AND status = 'queued'
+        RETURNING gh_automation_jobs AS job, *
+      ),
+      ev AS (SELECT troupe_job_event(j.job, 'job_cancelled', ${`Cancelled while queued: ${reason}`}::text, NULL,
+                                     jsonb_build_object('worker_id', NULL), true) AS id FROM j)
+      SELECT ${jobColumns("j")} FROM j, ev`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+
+  /** Pause the attempt for a human: status, interaction, event and callback. */
+  const needsHuman = (jobId: string, epoch: number, interaction: Interaction, metadata: Record<string, unknown>) =>
+    sql<{ event_id: string }>`
+      WITH j AS (
+        UPDATE gh_automation_jobs SET status = 'needs_human', interaction = ${JSON.stringify(interaction)}::jsonb,
+          deadline_at = NULL, updated_at = now()
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status = 'running'
+        RETURNING gh_automation_jobs AS job, worker_id
+      )
+      SELECT troupe_job_event(j.job, 'interaction_needed', ${interaction.message}::text, j.worker_id,
+               ${JSON.stringify(metadata)}::jsonb, true)::text AS event_id FROM j`.withoutTransform.pipe(
+      Effect.map((rows) => rows.length > 0)
+    )
+
+  /** Continue a paused attempt: back to running (with a fresh deadline), event and callback. */
+  const resumed = (jobId: string, epoch: number, message: string, metadata: Record<string, unknown>) =>
+    sql<{ event_id: string }>`
+      WITH j AS (
+        UPDATE gh_automation_jobs SET status = 'running', interaction = NULL, updated_at = now(),
+          deadline_at = CASE WHEN timeout_seconds IS NULL THEN NULL
+                             ELSE now() + make_interval(secs => timeout_seconds) END
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status = 'needs_human'
+        RETURNING gh_automation_jobs AS job, worker_id
+      )
+      SELECT troupe_job_event(j.job, 'interaction_resolved', ${message}::text, j.worker_id,
+               ${JSON.stringify(metadata)}::jsonb, true)::text AS event_id FROM j`.withoutTransform.pipe(
+      Effect.map((rows) => rows.length > 0)
+    )
+
+  /** A handler's report (step, thought, observation …): an event of the live attempt, no callback. */
+  const report = (
+    jobId: string,
+    epoch: number,
+    eventType: string,
+    message: string,
+    actor: string,
+    metadata: Record<string, unknown>,
+    cost?: unknown
+  ) =>
+    sql<{ id: string }>`
+      WITH live AS (
+        SELECT id FROM gh_automation_jobs
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status IN ('running', 'needs_human')
+      ),
+      c AS (
+        UPDATE gh_automation_jobs SET cost = ${json(cost)}::jsonb, updated_at = now()
+        WHERE ${cost === undefined}::boolean = false AND id IN (SELECT id FROM live) RETURNING 1
+      )
+      INSERT INTO gh_job_events (job_id, event_type, message, actor, metadata)
+      SELECT id, ${eventType}::text, ${message}::text, ${actor}::text, ${JSON.stringify(metadata)}::jsonb FROM live
+      WHERE (SELECT count(*) FROM c) >= 0
+      RETURNING id::text AS id`.withoutTransform.pipe(Effect.map((rows) => rows.length > 0))
+
+  /**
+   * Requeue, or fail, live jobs: those of dead nodes (lock gone or heartbeat older than
+   * `staleSeconds`) and those past their deadline by `graceSeconds` — or, with `only`, that
+   * one attempt (its owner gave up on it: a local timeout). `strict` jobs of a dead worker fail
+   * with WORKER_UNAVAILABLE; jobs out of attempts fail with MAX_ATTEMPTS (TIMEOUT when it
+   * was a timeout); the rest go back to the queue after a backoff. Returns what was done.
+   */
+  const reap = (options: {
+    readonly staleSeconds: number
+    readonly graceSeconds: number
+    readonly backoffBaseMs: number
+    readonly backoffMaxMs: number
+    readonly only?: { readonly jobId: string; readonly epoch: number }
+  }) => {
+    const onlyId = options.only?.jobId ?? null
+    const onlyEpoch = options.only?.epoch ?? null
+    return sql<{
+      id: string
+      status: string
+      error_code: string | null
+      prev_worker: string | null
+      run_in_ms: number
+      target_node: string | null
+    }>`
+      WITH cand AS (
+        SELECT j.id, j.worker_id AS prev_worker, j.node_id AS prev_node,
+          CASE WHEN ${onlyId}::uuid IS NULL
+                    AND (n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
+                         OR n.last_heartbeat < now() - make_interval(secs => ${options.staleSeconds}::float8))
+               THEN 'dead' ELSE 'timeout' END AS reason
+        FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
+        WHERE j.status IN ('running', 'needs_human')
+          AND CASE WHEN ${onlyId}::uuid IS NOT NULL THEN j.id = ${onlyId}::uuid AND j.attempts = ${onlyEpoch}::int
+              ELSE (n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
+                    OR n.last_heartbeat < now() - make_interval(secs => ${options.staleSeconds}::float8))
+                   OR (j.status = 'running' AND j.deadline_at < now() - make_interval(secs => ${options.graceSeconds}::float8))
+              END
+        FOR UPDATE OF j SKIP LOCKED
+      ),
+      decided AS (
+        SELECT c.*, CASE
+            WHEN c.reason = 'dead' AND j.worker_affinity = 'strict' THEN 'WORKER_UNAVAILABLE'
+            WHEN j.attempts >= j.max_attempts THEN CASE WHEN c.reason = 'timeout' THEN 'TIMEOUT' ELSE 'MAX_ATTEMPTS' END
+          END AS code,
+          LEAST(${options.backoffMaxMs}::float8, ${options.backoffBaseMs}::float8 * power(2, GREATEST(j.attempts - 1, 0)))::int AS backoff_ms
+        FROM cand c JOIN gh_automation_jobs j ON j.id = c.id
+      ),
+      upd AS (
+        UPDATE gh_automation_jobs j SET
+          status = CASE WHEN d.code IS NULL THEN 'queued' ELSE 'failed' END,
+          error_code = d.code,
+          error_message = CASE
+            WHEN d.code = 'WORKER_UNAVAILABLE' THEN 'worker ' || coalesce(d.prev_worker, '?') || ' died holding this strict job'
+            WHEN d.code = 'TIMEOUT' THEN 'timed out after ' || j.timeout_seconds || ' s, attempt ' || j.attempts || ' of ' || j.max_attempts
+            WHEN d.code = 'MAX_ATTEMPTS' THEN 'worker ' || coalesce(d.prev_worker, '?') || ' died; no attempts left (' || j.max_attempts || ')'
+          END,
+          finished_at = CASE WHEN d.code IS NULL THEN NULL ELSE now() END,
+          run_at = CASE WHEN d.code IS NULL THEN now() + make_interval(secs => d.backoff_ms / 1000.0) ELSE j.run_at END,
+          open_at = CASE WHEN j.worker_affinity = 'preferred' AND d.reason = 'dead' THEN now() ELSE j.open_at END,
+          worker_id = CASE WHEN d.code IS NULL THEN NULL ELSE j.worker_id END,
+          node_id = CASE WHEN d.code IS NULL THEN NULL ELSE j.node_id END,
+          interaction = NULL, deadline_at = NULL, updated_at = now()
+        FROM decided d WHERE j.id = d.id
+        RETURNING j AS job, j.id, j.status, j.error_code, j.attempts, d.prev_worker, d.reason, d.backoff_ms
+      ),
+      w AS (
+        UPDATE gh_worker_registry w SET
+          jobs_failed = w.jobs_failed + (SELECT count(*) FROM upd WHERE upd.prev_worker = w.worker_id AND upd.status = 'failed'),
+          current_job_id = CASE WHEN w.current_job_id IN (SELECT id FROM upd) THEN NULL ELSE w.current_job_id END
+        WHERE w.worker_id IN (SELECT prev_worker FROM upd)
+        RETURNING 1
+      ),
+      r AS (DELETE FROM actor_registry WHERE actor_id IN (SELECT 'job:' || id FROM upd WHERE status = 'failed') RETURNING 1),
+      ev AS (
+        SELECT u.id, troupe_job_event(u.job,
+          CASE WHEN u.status = 'failed' THEN 'job_failed' ELSE 'job_requeued' END,
+          CASE WHEN u.status = 'failed' THEN (u.job).error_message
+               WHEN u.reason = 'dead' THEN 'Worker ' || coalesce(u.prev_worker, '?') || ' died; requeued (attempt ' || u.attempts || ')'
+               ELSE 'Timed out on ' || coalesce(u.prev_worker, '?') || '; requeued (attempt ' || u.attempts || ')' END,
+          NULL,
+          jsonb_build_object('worker_id', u.prev_worker, 'reason', u.reason, 'attempt', u.attempts,
+                             'retry_in_ms', CASE WHEN u.status = 'queued' THEN u.backoff_ms END),
+          u.status = 'failed') AS event_id
+        FROM upd u
+      )
+      SELECT u.id::text AS id, u.status, u.error_code, u.prev_worker,
+        CASE WHEN u.status = 'queued' THEN u.backoff_ms ELSE 0 END AS run_in_ms,
+        (SELECT w.node_id FROM gh_worker_registry w WHERE (u.job).worker_affinity <> 'any'
+           AND w.status = 'active' AND (u.job).target_worker_id IN (w.worker_id, w.target_worker_id) LIMIT 1) AS target_node
+      FROM upd u JOIN ev ON ev.id = u.id
+      WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0`.withoutTransform
+  }
+
+  /**
+   * Workers whose node is gone (lock released or heartbeat stale) go `offline`; the strict
+   * jobs queued for them fail with WORKER_UNAVAILABLE, the preferred ones open to all.
+   */
+  const reapWorkers = (staleSeconds: number) =>
+    sql<{ worker_id: string }>`
+      WITH gone AS (
+        SELECT w.worker_id, w.target_worker_id FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
+        WHERE w.status IN ('active', 'draining')
+          AND (n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
+               OR n.last_heartbeat < now() - make_interval(secs => ${staleSeconds}::float8))
+        FOR UPDATE OF w SKIP LOCKED
+      ),
+      off AS (
+        UPDATE gh_worker_registry w SET status = 'offline', current_job_id = NULL
+        FROM gone WHERE w.worker_id = gone.worker_id RETURNING w.worker_id
+      ),
+      ev AS (
+        INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
+        SELECT worker_id, 'worker_offline', 'Worker stopped answering (its node is gone)', jsonb_build_object('reason', 'node_dead')
+        FROM off RETURNING 1
+      )
+      SELECT worker_id FROM off WHERE (SELECT count(*) FROM ev) >= 0`.withoutTransform.pipe(
+      Effect.tap((rows) =>
+        rows.length === 0 ? Effect.void : closeTarget(rows.map((r) => r.worker_id), "went offline")
+      )
+    )
+
+  /**
+   * A worker stops taking work: its queued strict jobs fail with WORKER_UNAVAILABLE, its
+   * queued preferred jobs open to everyone (and everyone is woken). Returns the failed ids.
+   */
+  const closeTarget = (workerIds: ReadonlyArray<string>, why: string) =>
+    sql<{ id: string }>`
+      WITH ws AS (
+        SELECT worker_id, target_worker_id FROM gh_worker_registry WHERE worker_id = ANY(${workerIds}::text[])
+      ),
+      keys AS (SELECT worker_id AS k FROM ws UNION SELECT target_worker_id FROM ws WHERE target_worker_id IS NOT NULL),
+      still AS (
+        SELECT k FROM keys WHERE NOT EXISTS (
+          SELECT 1 FROM gh_worker_registry o WHERE o.status = 'active' AND o.worker_id <> ALL(${workerIds}::text[])
+            AND (o.worker_id = keys.k OR o.target_worker_id = keys.k))
+      ),
+      failed AS (
+        UPDATE gh_automation_jobs SET status = 'failed', error_code = 'WORKER_UNAVAILABLE',
+          error_message = 'target worker ' || target_worker_id || ' ' || ${why}::text || ' before it ran this strict job',
+          finished_at = now(), updated_at = now()
+        WHERE status = 'queued' AND worker_affinity = 'strict' AND target_worker_id IN (SELECT k FROM still)
+        RETURNING gh_automation_jobs AS job, id
+      ),
+      opened AS (
+        UPDATE gh_automation_jobs SET open_at = now(), updated_at = now()
+        WHERE status = 'queued' AND worker_affinity = 'preferred' AND target_worker_id IN (SELECT k FROM still)
+          AND (open_at IS NULL OR open_at > now())
+        RETURNING 1
+      ),
+      ev AS (SELECT f.id, troupe_job_event(f.job, 'job_failed', (f.job).error_message, NULL,
+                                     jsonb_build_object('worker_id', NULL), true) AS e FROM failed f)
+      SELECT ev.id::text AS id, pg_notify('jobs:any', 'opened') IS NULL AS woke FROM ev
+      UNION ALL SELECT NULL, pg_notify('jobs:any', 'opened') IS NULL FROM (SELECT count(*) AS n FROM opened) o WHERE o.n > 0`
+      .withoutTransform.pipe(Effect.map((rows) => rows.filter((r) => r.id !== null).map((r) => r.id)))
+
+  // --- Workers ---
+
+  /** Register (or re-register) a worker as active on a node. */
+  const registerWorker = (w: WorkerRegistration) =>
+    sql`
+      WITH up AS (
+        INSERT INTO gh_worker_registry (worker_id, status, target_worker_id, ec2_instance_id, ec2_ip, node_id,
+          max_concurrent, registered_at, last_heartbeat, current_job_id, deregistered_at, deregister_reason)
+        VALUES (${w.workerId}::text, 'active', ${w.targetWorkerId}::text, ${w.ec2InstanceId}::text, ${w.ec2Ip}::text,
+          ${w.nodeId}::text, ${w.maxConcurrent}::int, now(), now(), NULL, NULL, NULL)
+        ON CONFLICT (worker_id) DO UPDATE SET status = 'active', target_worker_id = EXCLUDED.target_worker_id,
+          ec2_instance_id = EXCLUDED.ec2_instance_id, ec2_ip = EXCLUDED.ec2_ip, node_id = EXCLUDED.node_id,
+          max_concurrent = EXCLUDED.max_concurrent, registered_at = now(), last_heartbeat = now(),
+          current_job_id = NULL, deregistered_at = NULL, deregister_reason = NULL
+        RETURNING worker_id
+      )
+      INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
+      SELECT worker_id, 'worker_registered', ${`Worker ${w.workerId} registered on node ${w.nodeId}`}::text,
+        ${JSON.stringify({
+          ec2_instance_id: w.ec2InstanceId,
+          ec2_ip: w.ec2Ip,
+          target_worker_id: w.targetWorkerId,
+          node_id: w.nodeId,
+          max_concurrent: w.maxConcurrent
+        })}::jsonb
+      FROM up`
+
+  /** A heartbeat: the row's timestamp and a `worker_heartbeat` event. */
+  const heartbeat = (workerId: string, metadata: Record<string, unknown>) =>
+    sql`
+      WITH up AS (
+        UPDATE gh_worker_registry SET last_heartbeat = now() WHERE worker_id = ${workerId}::text AND status <> 'offline'
+        RETURNING worker_id
+      )
+      INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
+      SELECT worker_id, 'worker_heartbeat', '', ${JSON.stringify(metadata)}::jsonb FROM up`
+
+  /** Set a worker's status and write its event. */
+  const setWorkerStatus = (
+    workerId: string,
+    status: "active" | "draining" | "offline",
+    eventType: string,
+    message: string,
+    metadata: Record<string, unknown>
+  ) =>
+    sql<{ jobs_completed: number; jobs_failed: number; registered_at: Date }>`
+      WITH up AS (
+        UPDATE gh_worker_registry SET status = ${status}::text,
+          deregistered_at = CASE WHEN ${status}::text = 'offline' THEN now() ELSE deregistered_at END,
+          deregister_reason = CASE WHEN ${status}::text = 'offline' THEN ${String(metadata.reason ?? "")}::text
+                                   ELSE deregister_reason END,
+          current_job_id = CASE WHEN ${status}::text = 'offline' THEN NULL ELSE current_job_id END
+        WHERE worker_id = ${workerId}
+        RETURNING worker_id, jobs_completed, jobs_failed, registered_at
+      ),
+      ev AS (
+        INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
+        SELECT worker_id, ${eventType}::text, ${message}::text,
+          ${JSON.stringify(metadata)}::jsonb || jsonb_build_object('jobs_completed', jobs_completed,
+            'jobs_failed', jobs_failed, 'uptime_seconds', extract(epoch FROM now() - registered_at)::int)
+        FROM up RETURNING 1
+      )
+      SELECT jobs_completed, jobs_failed, registered_at FROM up WHERE (SELECT count(*) FROM ev) >= 0`.withoutTransform
+
+  /** Workers a deregistration names, with whether their node is alive. */
+  const findWorkers = (by: { readonly workerId?: string; readonly targetWorkerId?: string }) =>
+    sql<{ worker_id: string; node_id: string | null; status: string; alive: boolean }>`
+      SELECT w.worker_id, w.node_id, w.status,
+        (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
+      FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
+      WHERE (${by.workerId ?? null}::text IS NOT NULL AND w.worker_id = ${by.workerId ?? null}::text)
+         OR (${by.targetWorkerId ?? null}::text IS NOT NULL AND w.target_worker_id = ${by.targetWorkerId ?? null}::text)
+      ORDER BY w.worker_id`.withoutTransform
+
+  // --- Reading ---
+
+  /** One job, or `undefined`. */
+  const get = (jobId: string) =>
+    sql<JobRow>`SELECT ${jobColumns("j")} FROM gh_automation_jobs j WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(
+      Effect.map((rows) => (rows[0] ? toJob(rows[0]) : undefined))
+    )
+
+  /** A job's owner: its status, attempt and whether its node is alive. */
+  const owner = (jobId: string) =>
+    sql<{ status: string; attempts: number; node_id: string | null; worker_id: string | null; alive: boolean }>`
+      SELECT j.status, j.attempts, j.node_id, j.worker_id,
+        (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
+      FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
+      WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+
+  /** A job's events after `sinceId`, oldest first. */
+  const events = (jobId: string, sinceId = "0", limit = 1000) =>
+    sql<{
+      id: string
+      job_id: string
+      event_type: string
+      message: string
+      actor: string | null
+      metadata: unknown
+      created_at: Date
+    }>`SELECT id::text AS id, job_id::text AS job_id, event_type, message, actor, metadata, created_at
+       FROM gh_job_events WHERE job_id = ${jobId}::uuid AND id > ${sinceId}::bigint ORDER BY id LIMIT ${limit}`
+      .withoutTransform
+
+  /** Send a NOTIFY. */
+  const notify = (channel: string, payload: string) => sql`SELECT pg_notify(${channel}, ${payload})`.pipe(Effect.asVoid)
+
+  return {
+    notify,
+    insert,
+    targetState,
+    claim,
+    finish,
+    cancelQueued,
+    needsHuman,
+    resumed,
+    report,
+    reap,
+    reapWorkers,
+    closeTarget,
+    registerWorker,
+    heartbeat,
+    setWorkerStatus,
+    findWorkers,
+    get,
+    owner,
+    events
+  } as const
+})
+
+/** The storage functions. */
+export type JobStorage = Effect.Effect.Success<typeof make>
+
+// --- internal ---
+
+/** A row of `gh_automation_jobs` as selected by `jobColumns`. */
+export interface JobRow {
+  readonly id: string
+  readonly valet_task_id: string | null
+  readonly job_type: string
+  readonly payload: unknown
+  readonly status: Job["status"]
+  readonly target_worker_id: string | null
+  readonly worker_affinity: Job["worker_affinity"]
+  readonly worker_id: string | null
+  readonly node_id: string | null
+  readonly priority: number
+  readonly attempts: number
+  readonly max_attempts: number
+  readonly timeout_seconds: number | null
+  readonly callback_url: string | null
+  readonly interaction: unknown
+  readonly result: unknown
+  readonly error_code: string | null
+  readonly error_message: string | null
+  readonly cost: unknown
+  readonly created_at: Date
+  readonly started_at: Date | null
+  readonly finished_at: Date | null
+}
+
+const jobColumns = (alias: string) =>
+  Statement.unsafeFragment(
+    ["id::text AS id", "valet_task_id", "job_type", "payload", "status", "target_worker_id", "worker_affinity",
+      "worker_id", "node_id", "priority", "attempts", "max_attempts", "timeout_seconds", "callback_url",
+      "interaction", "result", "error_code", "error_message", "cost", "created_at", "started_at", "finished_at"]
+      .map((c) => `${alias}.${c}`)
+      .join(", ")
+  )
+
+/** A stored row as the wire shape. */
+export const toJob = (r: JobRow): Job => ({
+  ...r,
+  created_at: r.created_at.toISOString(),
+  started_at: r.started_at?.toISOString() ?? null,
+  finished_at: r.finished_at?.toISOString() ?? null
+})
+
+const json = (value: unknown) => (value === undefined ? null : JSON.stringify(value))
+

@@ -1,0 +1,302 @@
+/**
+ * The job service: what the edge (and the inspector, and tests) call to submit, cancel,
+ * resume and look at jobs, and to drain or deregister workers. It runs on any node; a
+ * request about a running job or a live worker is an `ask` to that job's or worker's actor,
+ * routed to the node that holds it. A request about a job nobody holds is settled in its
+ * row (`UPDATE … WHERE status = 'queued'`), so it never needs a live owner.
+ */
+import { SqlClient } from "@effect/sql"
+import { Config, Context, Duration, Effect, ParseResult, Schema, type Scope } from "effect"
+import * as JobActor from "../actors/JobActor.ts"
+import * as WorkerActor from "../actors/WorkerActor.ts"
+import { PersistenceError, type RuntimeError } from "../protocol/Errors.ts"
+import {
+  Conflict,
+  DeregisterRequest,
+  type DeregisterResult,
+  InvalidRequest,
+  isTerminal,
+  type Job,
+  NotFound,
+  RequestTimeout,
+  Resolution,
+  SubmitJob,
+  WorkerUnavailable
+} from "../protocol/Jobs.ts"
+import { describe } from "./Database.ts"
+import * as JobStorage from "./JobStorage.ts"
+import type { TroupeNode } from "./Node.ts"
+
+/** Options of the job service. */
+export interface Options {
+  /** How long a `preferred` job waits for its busy target before anyone may take it (default 2 s). */
+  readonly preferredWait?: Duration.DurationInput
+  /** How long a request waits for the node that holds a job or worker (default 10 s). */
+  readonly askTimeout?: Duration.DurationInput
+}
+
+/** `TROUPE_PREFERRED_WAIT_MS` (default 2000). */
+export const OptionsConfig = Config.all({
+  preferredWait: Config.integer("TROUPE_PREFERRED_WAIT_MS").pipe(
+    Config.withDefault(2000),
+    Config.map((ms) => Duration.millis(ms))
+  )
+})
+
+/** A job's state after a cancel or resume. */
+export type JobState = JobActor.JobState
+
+/** Errors of a request about a job. */
+export type JobRequestError = NotFound | Conflict | InvalidRequest | RequestTimeout | PersistenceError
+
+/** The job service. */
+export interface JobService {
+  readonly submit: (input: unknown) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
+  readonly cancel: (jobId: string, reason?: string) => Effect.Effect<JobState, JobRequestError>
+  readonly resume: (jobId: string, input: unknown) => Effect.Effect<JobState, JobRequestError>
+  readonly get: (jobId: string) => Effect.Effect<Job, NotFound | InvalidRequest | PersistenceError>
+  readonly events: (
+    jobId: string,
+    sinceId?: string
+  ) => Effect.Effect<ReadonlyArray<JobEvent>, NotFound | InvalidRequest | PersistenceError>
+  readonly drain: (
+    workerId: string,
+    reason?: string
+  ) => Effect.Effect<WorkerActor.WorkerState, NotFound | RequestTimeout | PersistenceError>
+  readonly deregister: (
+    input: unknown
+  ) => Effect.Effect<DeregisterResult, NotFound | InvalidRequest | RequestTimeout | PersistenceError>
+}
+
+/** A row of `gh_job_events`. */
+export interface JobEvent {
+  readonly id: string
+  readonly job_id: string
+  readonly event_type: string
+  readonly message: string
+  readonly actor: string | null
+  readonly metadata: unknown
+  readonly created_at: string
+}
+
+/** The job service of this process. */
+export class Jobs extends Context.Tag("troupe/runtime/Jobs")<Jobs, JobService>() {}
+
+/** Create the job service on a node. */
+export const make = (
+  node: TroupeNode,
+  options: Options = {}
+): Effect.Effect<JobService, never, SqlClient.SqlClient | Scope.Scope> =>
+  Effect.gen(function* () {
+    const storage = yield* JobStorage.make
+    const preferredWaitMs = Duration.toMillis(options.preferredWait ?? "2 seconds")
+    const askTimeout = Duration.decode(options.askTimeout ?? "10 seconds")
+    const scope = yield* Effect.scope
+    const persistence = (e: unknown) => new PersistenceError({ reason: describe(e) })
+
+    const decode = <A, I>(schema: Schema.Schema<A, I, never>, input: unknown) =>
+      Schema.decodeUnknown(schema)(input, { onExcessProperty: "error" }).pipe(
+        Effect.mapError((e) => new InvalidRequest({ reason: ParseResult.TreeFormatter.formatErrorSync(e) }))
+      )
+
+    const checkId = (jobId: string) =>
+      uuidPattern.test(jobId)
+        ? Effect.void
+        : Effect.fail(new InvalidRequest({ reason: `job id "${jobId.slice(0, 80)}" is not a uuid` }))
+
+    /** Map what an ask can fail with onto the service's errors. */
+    const fromAsk =
+      (target: string, jobId?: string) =>
+      <A>(self: Effect.Effect<A, unknown>): Effect.Effect<A, JobRequestError> =>
+        Effect.catchAll(self, (error): Effect.Effect<A, JobRequestError> => {
+          const e = error as Conflict | NotFound | RuntimeError
+          switch (e._tag) {
+            case "Conflict":
+            case "NotFound":
+              return Effect.fail(e)
+            case "AskTimeout":
+              return Effect.fail(new RequestTimeout({ target, timeout_ms: e.timeoutMs }))
+            case "ActorNotFound":
+              if (jobId === undefined) return Effect.fail(new NotFound({ what: "actor", id: e.actorId }))
+              // The job ended (its actor left the registry) between our read and our ask.
+              return Effect.flatMap(Effect.orElseSucceed(storage.owner(jobId), () => undefined), (now) =>
+                Effect.fail(
+                  now === undefined
+                    ? new NotFound({ what: "job", id: jobId })
+                    : new Conflict({ job_id: jobId, status: now.status, reason: "it ended meanwhile" })
+                )
+              )
+            default:
+              return Effect.fail(new PersistenceError({ reason: (e as Error).message ?? String(e) }))
+          }
+        })
+
+    const submit = (input: unknown) =>
+      Effect.gen(function* () {
+        const job = yield* decode(SubmitJob, input)
+        if (job.worker_affinity !== "any" && job.target_worker_id === null) {
+          return yield* new InvalidRequest({
+            reason: `worker_affinity "${job.worker_affinity}" needs a target_worker_id`
+          })
+        }
+        const row = yield* storage.insert(job, preferredWaitMs).pipe(Effect.mapError(persistence))
+        if (row === undefined) {
+          const t = yield* storage.targetState(job.target_worker_id!).pipe(Effect.mapError(persistence))
+          return yield* new WorkerUnavailable({
+            target_worker_id: job.target_worker_id!,
+            reason: !t.exists
+              ? "no such worker is registered"
+              : t.status === "draining"
+                ? "it is draining"
+                : t.status === "offline" || !t.alive
+                  ? "it is offline"
+                  : `it is full (${t.load} of ${t.maxConcurrent} job slots taken)`
+          })
+        }
+        if (job.worker_affinity === "preferred" && preferredWaitMs > 0) {
+          // When the target does not take it in time, everyone is woken to.
+          yield* storage.notify(JobStorage.anyJobsChannel, row.id).pipe(
+            Effect.delay(Duration.millis(preferredWaitMs + 5)),
+            Effect.ignore,
+            Effect.forkIn(scope)
+          )
+        }
+        return JobStorage.toJob(row)
+      })
+
+    const cancel = (jobId: string, reason = "cancelled by request"): Effect.Effect<JobState, JobRequestError> =>
+      Effect.gen(function* () {
+        yield* checkId(jobId)
+        const queued = yield* storage.cancelQueued(jobId, reason).pipe(Effect.mapError(persistence))
+        if (queued !== undefined) return { job_id: jobId, status: "cancelled", worker_id: null, node_id: node.id }
+        const owner = yield* storage.owner(jobId).pipe(Effect.mapError(persistence))
+        if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
+        if (isTerminal(owner.status)) {
+          return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it has already ended" })
+        }
+        if (owner.status === "queued") return yield* cancel(jobId, reason)
+        return yield* node
+          .ref(JobActor.kind(noRuns), jobId)
+          .ask(new JobActor.Cancel({ reason }), { timeout: askTimeout })
+            .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
+      })
+
+    const resume = (jobId: string, input: unknown) =>
+      Effect.gen(function* () {
+        yield* checkId(jobId)
+        const resolution = yield* decode(Resolution, input)
+        const owner = yield* storage.owner(jobId).pipe(Effect.mapError(persistence))
+        if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
+        if (owner.status !== "needs_human") {
+          return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it is not waiting for a human" })
+        }
+        if (!owner.alive) {
+          return yield* new Conflict({
+            job_id: jobId,
+            status: owner.status,
+            reason: `the worker holding it (${owner.worker_id}) is gone; it will be requeued or failed`
+          })
+        }
+        return yield* node
+          .ref(JobActor.kind(noRuns), jobId)
+          .ask(new JobActor.Resume({ resolution }), { timeout: askTimeout })
+            .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
+      })
+
+    const get = (jobId: string) =>
+      Effect.gen(function* () {
+        yield* checkId(jobId)
+        const job = yield* storage.get(jobId).pipe(Effect.mapError(persistence))
+        if (job === undefined) return yield* new NotFound({ what: "job", id: jobId })
+        return job
+      })
+
+    const events = (jobId: string, sinceId = "0") =>
+      Effect.gen(function* () {
+        yield* get(jobId)
+        if (!/^\d{1,18}$/.test(sinceId)) return yield* new InvalidRequest({ reason: "since_event_id must be a number" })
+        const rows = yield* storage.events(jobId, sinceId).pipe(Effect.mapError(persistence))
+        return rows.map((r) => ({ ...r, created_at: r.created_at.toISOString() }))
+      })
+
+    const drain = (workerId: string, reason = "drain requested") =>
+      Effect.gen(function* () {
+        const found = yield* storage.findWorkers({ workerId }).pipe(Effect.mapError(persistence))
+        const w = found[0]
+        if (w === undefined) return yield* new NotFound({ what: "worker", id: workerId })
+        if (!w.alive) {
+          return {
+            worker_id: w.worker_id,
+            node_id: w.node_id ?? "",
+            status: "offline" as const,
+            active_job_ids: [],
+            max_concurrent: 0
+          }
+        }
+        return yield* node
+          .ref(WorkerActor.kind(noControl), workerId)
+          .ask(new WorkerActor.Drain({ reason }), { timeout: askTimeout })
+          .pipe(fromAsk(`worker ${workerId}`)) as Effect.Effect<
+          WorkerActor.WorkerState,
+          NotFound | RequestTimeout | PersistenceError
+        >
+      })
+
+    const deregister = (input: unknown) =>
+      Effect.gen(function* () {
+        const request = yield* decode(DeregisterRequest, input)
+        if (request.worker_id === undefined && request.target_worker_id === undefined) {
+          return yield* new InvalidRequest({ reason: "name the worker: worker_id or target_worker_id" })
+        }
+        const found = yield* storage
+          .findWorkers({ workerId: request.worker_id, targetWorkerId: request.target_worker_id })
+          .pipe(Effect.mapError(persistence))
+        if (found.length === 0) {
+          return yield* new NotFound({ what: "worker", id: request.worker_id ?? request.target_worker_id ?? "" })
+        }
+        const results = yield* Effect.forEach(
+          found,
+          (w) =>
+            w.alive && w.status !== "offline"
+              ? node
+                  .ref(WorkerActor.kind(noControl), w.worker_id)
+                  .ask(
+                    new WorkerActor.Deregister({
+                      reason: request.reason,
+                      cancel_active_jobs: request.cancel_active_jobs,
+                      drain_timeout_seconds: request.drain_timeout_seconds
+                    }),
+                    { timeout: Duration.sum(askTimeout, Duration.seconds(request.drain_timeout_seconds)) }
+                  )
+                  .pipe(fromAsk(`worker ${w.worker_id}`))
+              : offlineDeregister(w.worker_id, request.reason),
+          { concurrency: "unbounded" }
+        )
+        return {
+          worker_ids: results.flatMap((r) => r.worker_ids),
+          cancelled_job_ids: results.flatMap((r) => r.cancelled_job_ids)
+        }
+      }) as Effect.Effect<DeregisterResult, NotFound | InvalidRequest | RequestTimeout | PersistenceError>
+
+    /** A worker whose node is gone: settle it in its rows (its running jobs are the reaper's). */
+    const offlineDeregister = (workerId: string, reason: string) =>
+      Effect.gen(function* () {
+        yield* storage.setWorkerStatus(workerId, "offline", "worker_deregistered", `Deregistered: ${reason}`, {
+          reason
+        })
+        yield* storage.closeTarget([workerId], "was deregistered")
+        return { worker_ids: [workerId], cancelled_job_ids: [] } satisfies DeregisterResult
+      }).pipe(Effect.mapError(persistence))
+
+    return { submit, cancel, resume, get, events, drain, deregister } satisfies JobService
+  })
+
+// --- internal ---
+
+const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
+// Kinds used only to address and encode messages from this side: behaviour lives on the
+// node that hosts the actor.
+const unreachable = () => Effect.die("a job or worker actor ran on a node without a worker")
+const noRuns: JobActor.Runs = { cancel: unreachable, resume: unreachable }
+const noControl: WorkerActor.Control = { drain: unreachable, deregister: unreachable, status: unreachable() }

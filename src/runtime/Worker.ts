@@ -1,0 +1,615 @@
+/**
+ * A worker: registers in `gh_worker_registry`, claims jobs when woken (NOTIFY on
+ * `jobs:<node>` for jobs aimed at it, `jobs:any` for the rest, a slow poll as a fallback),
+ * runs each job's handler on a fiber of this node, and answers its JobActors (cancel,
+ * resume) and its WorkerActor (drain, deregister, status).
+ *
+ * Every write about a job names the attempt this worker holds, so when the reaper has
+ * given the job to someone else, this worker's late writes change nothing and its handler
+ * is stopped. Stopping the worker (closing its scope) abandons running jobs without a
+ * write: the reaper sees the node gone and requeues or fails them, as after a crash.
+ */
+import { SqlClient } from "@effect/sql"
+import {
+  Cause,
+  Deferred,
+  Duration,
+  Effect,
+  Exit,
+  Fiber,
+  FiberSet,
+  Option,
+  Queue,
+  Schedule,
+  type Scope
+} from "effect"
+import * as JobActor from "../actors/JobActor.ts"
+import * as WorkerActor from "../actors/WorkerActor.ts"
+import {
+  Conflict,
+  type DeregisterResult,
+  type Interaction,
+  isTerminal,
+  JobErrorCode,
+  NotFound,
+  type Resolution
+} from "../protocol/Jobs.ts"
+import * as JobHandler from "./JobHandler.ts"
+import * as JobStorage from "./JobStorage.ts"
+import type { TroupeNode } from "./Node.ts"
+
+/** Options of a worker. */
+export interface Options {
+  /** `GH_WORKER_ID`; default `worker-<node id>`. */
+  readonly workerId?: string
+  /** The sandbox id the client app knows this worker by (`target_worker_id`). */
+  readonly targetWorkerId?: string | null
+  readonly ec2InstanceId?: string | null
+  readonly ec2Ip?: string | null
+  /** `MAX_CONCURRENT_JOBS` (default 1). */
+  readonly maxConcurrent?: number
+  readonly handlers: JobHandler.Handlers
+  readonly prices?: JobHandler.PriceTable
+  /** Heartbeat period (default 10 s). */
+  readonly heartbeat?: Duration.DurationInput
+  /** Fallback poll when no NOTIFY arrives (default 5 s). */
+  readonly pollInterval?: Duration.DurationInput
+  /** How long writes about a job retry while the database is unreachable (default 60 s). */
+  readonly retryWritesFor?: Duration.DurationInput
+}
+
+/** Counters of a worker. */
+export interface Stats {
+  readonly running: number
+  readonly claimed: number
+  readonly completed: number
+  readonly failed: number
+  readonly cancelled: number
+  readonly abandoned: number
+}
+
+/** A running worker. */
+export interface Worker extends WorkerActor.Control, JobActor.Runs {
+  readonly workerId: string
+  readonly nodeId: string
+  readonly stats: () => Stats
+  readonly runningJobIds: () => ReadonlyArray<string>
+  /** Claim now (tests; NOTIFY does this in production). */
+  readonly wake: () => void
+}
+
+/** Start a worker on a node for the lifetime of the scope. */
+export const make = (
+  node: TroupeNode,
+  options: Options
+): Effect.Effect<Worker, unknown, SqlClient.SqlClient | Scope.Scope> =>
+  Effect.gen(function* () {
+    const storage = yield* JobStorage.make
+    const nodeId = node.id
+    const workerId = options.workerId ?? `worker-${nodeId}`
+    const maxConcurrent = Math.max(1, options.maxConcurrent ?? 1)
+    const prices = options.prices ?? JobHandler.defaultPrices
+    const registration: JobStorage.WorkerRegistration = {
+      workerId,
+      nodeId,
+      targetWorkerId: options.targetWorkerId ?? null,
+      ec2InstanceId: options.ec2InstanceId ?? null,
+      ec2Ip: options.ec2Ip ?? null,
+      maxConcurrent
+    }
+    const retryWrites = Schedule.exponential("20 millis").pipe(
+      Schedule.union(Schedule.spaced("2 seconds")),
+      Schedule.upTo(Duration.decode(options.retryWritesFor ?? "60 seconds"))
+    )
+    const counters = { claimed: 0, completed: 0, failed: 0, cancelled: 0, abandoned: 0 }
+    let state: "active" | "draining" | "offline" = "active"
+    let stopping = false
+
+    // --- Runs ---
+
+    type Stop =
+      | { readonly _tag: "Cancel"; readonly reason: string }
+      | { readonly _tag: "Timeout" }
+      | { readonly _tag: "Lost" }
+
+    interface Run {
+      readonly id: string
+      readonly epoch: number
+      readonly row: JobStorage.Claimed
+      readonly startedAt: number
+      readonly lock: Effect.Semaphore
+      readonly outcome: Deferred.Deferred<JobActor.JobState>
+      fiber: Fiber.RuntimeFiber<void> | undefined
+      timer: Fiber.RuntimeFiber<void> | undefined
+      status: "running" | "needs_human" | "deciding"
+      resume: Deferred.Deferred<Resolution> | undefined
+      stop: Stop | undefined
+      cost: JobHandler.Cost
+      costDirty: boolean
+      progress: JobHandler.Progress | undefined
+    }
+
+    const runs = new Map<string, Run>()
+    const fibers = yield* FiberSet.make<void, never>()
+    const idle = yield* Effect.makeLatch(true)
+    const wakeQueue = yield* Queue.sliding<void>(1)
+    const wake = () => void wakeQueue.unsafeOffer(undefined)
+
+    const stateOf = (jobId: string, status: string, worker: string | null = workerId): JobActor.JobState => ({
+      job_id: jobId,
+      status,
+      worker_id: worker,
+      node_id: nodeId
+    })
+
+    const metadataOf = (run: Run, extra?: Record<string, unknown>) => ({
+      worker_id: workerId,
+      node_id: nodeId,
+      attempt: run.epoch,
+      elapsed_ms: Date.now() - run.startedAt,
+      ...(run.progress ? { step_index: run.progress.index, total_steps: run.progress.total ?? null } : {}),
+      ...extra
+    })
+
+    /** The attempt is no longer ours: stop the handler without writing. */
+    const lose = (run: Run) =>
+      Effect.suspend(() => {
+        if (run.stop === undefined) run.stop = { _tag: "Lost" }
+        return Effect.interrupt
+      })
+
+    const report = (run: Run, eventType: string, message: string, extra?: Record<string, unknown>) =>
+      Effect.gen(function* () {
+        const cost = run.costDirty ? run.cost : undefined
+        run.costDirty = false
+        const live = yield* storage
+          .report(run.id, run.epoch, eventType, message, workerId, metadataOf(run, extra), cost)
+          .pipe(
+            Effect.retry(Schedule.exponential("20 millis").pipe(Schedule.intersect(Schedule.recurs(5)))),
+            Effect.catchAll((e) =>
+              Effect.as(Effect.logWarning(`job ${run.id}: event ${eventType} not written`, e), true)
+            )
+          )
+        if (!live) yield* lose(run)
+      })
+
+    const disarm = (run: Run) => {
+      if (run.timer) Fiber.interruptFork(run.timer).pipe(Effect.runFork)
+      run.timer = undefined
+    }
+
+    /** Enforce `timeout_seconds` while the job runs (paused while it waits for a human). */
+    const arm = (run: Run) =>
+      Effect.gen(function* () {
+        disarm(run)
+        const seconds = run.row.timeout_seconds
+        if (seconds === null) return
+        run.timer = yield* Effect.sleep(Duration.seconds(seconds)).pipe(
+          Effect.zipRight(
+            Effect.suspend(() => {
+              if (run.status !== "running" || run.stop !== undefined || run.fiber === undefined) return Effect.void
+              run.stop = { _tag: "Timeout" }
+              return Fiber.interrupt(run.fiber)
+            })
+          ),
+          Effect.asVoid,
+          FiberSet.run(fibers)
+        )
+      })
+
+    const contextOf = (run: Run): JobHandler.JobContextShape => ({
+      jobId: run.id,
+      jobType: run.row.job_type,
+      valetTaskId: run.row.valet_task_id,
+      payload: run.row.payload,
+      attempt: run.epoch,
+      workerId,
+      nodeId,
+      report: (eventType, message, metadata) => report(run, eventType, message, metadata),
+      tokensUsed: (usage) =>
+        Effect.suspend(() => {
+          const priced = JobHandler.priceUsage(usage, prices)
+          run.cost = JobHandler.addUsage(run.cost, usage, prices)
+          run.costDirty = true
+          return report(run, "tokens_used", `${priced.tokens} tokens on ${usage.model}`, {
+            model: usage.model,
+            tokens: priced.tokens,
+            cost_usd: priced.cost_usd
+          })
+        }),
+      countAction: Effect.sync(() => {
+        run.cost = { ...run.cost, action_count: run.cost.action_count + 1 }
+        run.costDirty = true
+      }),
+      setProgress: (progress) => Effect.sync(() => (run.progress = progress)),
+      needsHuman: (interaction) => needsHuman(run, interaction)
+    })
+
+    const needsHuman = (run: Run, interaction: Interaction) =>
+      Effect.gen(function* () {
+        const resume = yield* Deferred.make<Resolution>()
+        const paused = yield* run.lock.withPermits(1)(
+          Effect.gen(function* () {
+            const ok = yield* storage
+              .needsHuman(run.id, run.epoch, interaction, metadataOf(run, { interaction }))
+              .pipe(Effect.retry(retryWrites), Effect.orElseSucceed(() => false))
+            if (ok) {
+              run.status = "needs_human"
+              run.resume = resume
+              disarm(run)
+            }
+            return ok
+          })
+        )
+        if (!paused) return yield* lose(run)
+        const answered = yield* Deferred.await(resume).pipe(
+          Effect.timeout(Duration.seconds(interaction.timeout_seconds)),
+          Effect.option
+        )
+        if (Option.isSome(answered)) return answered.value
+        const timedOut = yield* run.lock.withPermits(1)(
+          Effect.sync(() => {
+            if (run.status !== "needs_human") return false
+            run.status = "deciding"
+            return true
+          })
+        )
+        if (!timedOut) return yield* Deferred.await(resume)
+        return yield* Effect.fail(new JobHandler.HitlTimeout({ timeoutSeconds: interaction.timeout_seconds }))
+      })
+
+    /** Record how the attempt ended (the one place that writes a run's final state). */
+    const conclude = (run: Run, exit: Exit.Exit<unknown, JobHandler.JobError | JobHandler.HitlTimeout>) =>
+      Effect.gen(function* () {
+        if (stopping || run.stop?._tag === "Lost") {
+          counters.abandoned++
+          return stateOf(run.id, "abandoned")
+        }
+        if (run.stop?._tag === "Timeout" && Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause)) {
+          const reaped = yield* storage
+            .reap({
+              staleSeconds: 0,
+              graceSeconds: 0,
+              backoffBaseMs: 250,
+              backoffMaxMs: 30_000,
+              only: { jobId: run.id, epoch: run.epoch }
+            })
+            .pipe(Effect.retry(retryWrites), Effect.orElseSucceed(() => []))
+          const done = reaped[0]
+          if (done?.status === "failed") counters.failed++
+          if (done?.status === "queued") yield* wakeLater(storage, done.run_in_ms)
+          return stateOf(run.id, done?.status ?? "unknown")
+        }
+        const outcome = outcomeOf(run, exit)
+        const written = yield* storage
+          .finish(run.id, run.epoch, outcome)
+          .pipe(Effect.retry(retryWrites), Effect.orElseSucceed(() => undefined))
+        if (written === undefined) {
+          // Someone else ended this attempt first (the reaper, or a cancel of an orphan).
+          const now = yield* storage.owner(run.id).pipe(Effect.orElseSucceed(() => undefined))
+          return stateOf(run.id, now?.status ?? "unknown", now?.worker_id ?? null)
+        }
+        counters[outcome.status]++
+        return stateOf(run.id, outcome.status)
+      })
+
+    const outcomeOf = (
+      run: Run,
+      exit: Exit.Exit<unknown, JobHandler.JobError | JobHandler.HitlTimeout>
+    ): JobStorage.Outcome => {
+      const metadata = metadataOf(run, { cost: run.cost })
+      if (Exit.isSuccess(exit)) {
+        return {
+          status: "completed",
+          result: exit.value === undefined ? null : exit.value,
+          eventType: "job_completed",
+          message: `Job completed on ${workerId}`,
+          metadata
+        }
+      }
+      if (run.stop?._tag === "Cancel" && Cause.isInterruptedOnly(exit.cause)) {
+        return {
+          status: "cancelled",
+          errorCode: JobErrorCode.cancelled,
+          errorMessage: run.stop.reason,
+          eventType: "job_cancelled",
+          message: `Cancelled on ${workerId}: ${run.stop.reason}`,
+          metadata: { ...metadata, reason: run.stop.reason }
+        }
+      }
+      const failure = Cause.failureOption(exit.cause)
+      const [code, message] =
+        failure._tag === "Some"
+          ? failure.value._tag === "HitlTimeout"
+            ? [JobErrorCode.hitlTimeout, failure.value.message]
+            : [failure.value.code, failure.value.message]
+          : [JobErrorCode.handlerCrashed, firstLine(Cause.pretty(exit.cause))]
+      return {
+        status: "failed",
+        errorCode: code,
+        errorMessage: message,
+        eventType: "job_failed",
+        message: `Failed: ${message}`,
+        metadata: { ...metadata, error_code: code }
+      }
+    }
+
+    const start = (row: JobStorage.Claimed) =>
+      Effect.gen(function* () {
+        const run: Run = {
+          id: row.id,
+          epoch: row.attempts,
+          row,
+          startedAt: Date.now(),
+          lock: yield* Effect.makeSemaphore(1),
+          outcome: yield* Deferred.make<JobActor.JobState>(),
+          fiber: undefined,
+          timer: undefined,
+          status: "running",
+          resume: undefined,
+          stop: undefined,
+          cost: JobHandler.decodeCost(row.cost),
+          costDirty: false,
+          progress: undefined
+        }
+        runs.set(run.id, run)
+        yield* idle.close
+        counters.claimed++
+        const handler: JobHandler.Handler =
+          options.handlers[row.job_type] ??
+          Effect.fail(
+            new JobHandler.JobError({
+              code: JobErrorCode.unknownJobType,
+              message: `worker ${workerId} has no handler for job type "${row.job_type}"`
+            })
+          )
+        const program = Effect.uninterruptibleMask((restore) =>
+          Effect.gen(function* () {
+            const exit = yield* Effect.exit(
+              restore(Effect.provideService(handler, JobHandler.JobContext, contextOf(run)))
+            )
+            disarm(run)
+            const final = yield* conclude(run, exit)
+            yield* Deferred.succeed(run.outcome, final)
+          })
+        ).pipe(
+          Effect.catchAllCause((cause) => Effect.logError(`job ${run.id}: could not record its end`, cause)),
+          Effect.ensuring(
+            Effect.suspend(() => {
+              runs.delete(run.id)
+              wake()
+              return runs.size === 0 ? idle.open : Effect.void
+            })
+          )
+        )
+        run.fiber = yield* FiberSet.run(fibers, program)
+        yield* arm(run)
+      })
+
+    // --- Claiming ---
+
+    let claimFailures = 0
+    const claimAll = Effect.gen(function* () {
+      while (state === "active" && !stopping && runs.size < maxConcurrent) {
+        const want = maxConcurrent - runs.size
+        const rows = yield* storage.claim(registration, want)
+        for (const row of rows) yield* start(row)
+        if (rows.length < want) break
+      }
+      claimFailures = 0
+    }).pipe(
+      Effect.catchAll((e) =>
+        Effect.gen(function* () {
+          claimFailures++
+          if (claimFailures === 1 || claimFailures % 20 === 0) {
+            yield* Effect.logWarning(`worker ${workerId}: claiming failed (${claimFailures}x), retrying`, e)
+          }
+          yield* Effect.sleep(Duration.millis(Math.min(2000, 25 * 2 ** Math.min(claimFailures, 7))))
+          wake()
+        })
+      )
+    )
+
+    // --- Control (the WorkerActor's requests) ---
+
+    const status = Effect.sync(
+      (): WorkerActor.WorkerState => ({
+        worker_id: workerId,
+        node_id: nodeId,
+        status: state,
+        active_job_ids: [...runs.keys()],
+        max_concurrent: maxConcurrent
+      })
+    )
+
+    const drain = (reason: string) =>
+      Effect.gen(function* () {
+        if (state === "active") {
+          state = "draining"
+          yield* storage
+            .setWorkerStatus(workerId, "draining", "worker_draining", `Draining: ${reason}`, { reason })
+            .pipe(Effect.retry(retryWrites), Effect.orDie)
+          yield* storage.closeTarget([workerId], "is draining").pipe(Effect.retry(retryWrites), Effect.orDie)
+        }
+        return yield* status
+      })
+
+    const cancel = (jobId: string, reason: string): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
+      Effect.gen(function* () {
+        const run = runs.get(jobId)
+        if (run === undefined || run.fiber === undefined) return yield* cancelOrphan(jobId, reason)
+        if (run.stop === undefined) run.stop = { _tag: "Cancel", reason }
+        yield* Fiber.interrupt(run.fiber)
+        const final = yield* Deferred.await(run.outcome)
+        if (final.status !== "cancelled") {
+          return yield* new Conflict({
+            job_id: jobId,
+            status: final.status,
+            reason: "it ended before the cancel reached it"
+          })
+        }
+        return final
+      })
+
+    /** A cancel for a job this worker does not run in memory: settle it from its row. */
+    const cancelOrphan = (jobId: string, reason: string) =>
+      Effect.gen(function* () {
+        const owner = yield* storage.owner(jobId).pipe(Effect.orDie)
+        if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
+        if (owner.status === "queued" || isTerminal(owner.status)) {
+          return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it is not running" })
+        }
+        const written = yield* storage
+          .finish(jobId, owner.attempts, {
+            status: "cancelled",
+            errorCode: JobErrorCode.cancelled,
+            errorMessage: reason,
+            eventType: "job_cancelled",
+            message: `Cancelled (no handler was running it on ${workerId}): ${reason}`,
+            metadata: { worker_id: owner.worker_id, node_id: nodeId, reason }
+          })
+          .pipe(Effect.orDie)
+        if (written === undefined) {
+          return yield* new Conflict({ job_id: jobId, status: "changed", reason: "it changed while cancelling" })
+        }
+        return stateOf(jobId, "cancelled", owner.worker_id)
+      })
+
+    const resume = (jobId: string, resolution: Resolution): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
+      Effect.gen(function* () {
+        const run = runs.get(jobId)
+        if (run === undefined) {
+          const owner = yield* storage.owner(jobId).pipe(Effect.orDie)
+          if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
+          return yield* new Conflict({
+            job_id: jobId,
+            status: owner.status,
+            reason: owner.status === "needs_human" ? "no handler is waiting for it any more" : "it is not waiting for a human"
+          })
+        }
+        return yield* run.lock.withPermits(1)(
+          Effect.gen(function* () {
+            if (run.status !== "needs_human" || run.resume === undefined) {
+              return yield* new Conflict({ job_id: jobId, status: run.status, reason: "it is not waiting for a human" })
+            }
+            const ok = yield* storage
+              .resumed(
+                jobId,
+                run.epoch,
+                `Resolved by ${resolution.resolved_by}`,
+                metadataOf(run, { resolved_by: resolution.resolved_by })
+              )
+              .pipe(Effect.orDie)
+            if (!ok) return yield* new Conflict({ job_id: jobId, status: "changed", reason: "it changed meanwhile" })
+            run.status = "running"
+            yield* Deferred.succeed(run.resume, resolution)
+            run.resume = undefined
+            yield* arm(run)
+            return stateOf(jobId, "running")
+          })
+        )
+      })
+
+    const deregister = (request: Omit<WorkerActor.Deregister, "_tag">) =>
+      Effect.gen(function* () {
+        yield* drain(request.reason)
+        const cancelled: Array<string> = []
+        const cancelAll = Effect.forEach(
+          [...runs.keys()],
+          (id) =>
+            cancel(id, `worker ${workerId} deregistered: ${request.reason}`).pipe(
+              Effect.tap(() => Effect.sync(() => cancelled.push(id))),
+              Effect.ignore
+            ),
+          { concurrency: "unbounded", discard: true }
+        )
+        if (request.cancel_active_jobs) yield* cancelAll
+        else {
+          yield* idle.await.pipe(Effect.timeout(Duration.seconds(request.drain_timeout_seconds)), Effect.ignore)
+          yield* cancelAll
+        }
+        state = "offline"
+        yield* storage
+          .setWorkerStatus(workerId, "offline", "worker_deregistered", `Deregistered: ${request.reason}`, {
+            reason: request.reason,
+            cancelled_job_ids: cancelled
+          })
+          .pipe(Effect.retry(retryWrites), Effect.orDie)
+        return { worker_ids: [workerId], cancelled_job_ids: cancelled } satisfies DeregisterResult
+      })
+
+    // --- Start ---
+
+    yield* storage.registerWorker(registration)
+    const control: Worker = {
+      workerId,
+      nodeId,
+      drain,
+      deregister,
+      status,
+      cancel,
+      resume,
+      wake,
+      stats: () => ({ running: runs.size, ...counters }),
+      runningJobIds: () => [...runs.keys()]
+    }
+    yield* node.register(JobActor.kind(control))
+    yield* node.spawn(WorkerActor.kind(control), workerId)
+
+    yield* node.listen(JobStorage.nodeJobsChannel(nodeId), wake)
+    yield* node.listen(JobStorage.anyJobsChannel, wake)
+    yield* node.onReconnect(wake)
+    const pollInterval = Duration.decode(options.pollInterval ?? "5 seconds")
+    yield* Queue.take(wakeQueue).pipe(
+      Effect.timeoutOption(pollInterval),
+      Effect.zipRight(claimAll),
+      Effect.forever,
+      Effect.interruptible,
+      FiberSet.run(fibers)
+    )
+    const heartbeatEvery = Duration.decode(options.heartbeat ?? "10 seconds")
+    yield* Effect.suspend(() =>
+      storage.heartbeat(workerId, {
+        status: state === "active" ? (runs.size > 0 ? "busy" : "idle") : state,
+        current_job_id: runs.keys().next().value ?? null,
+        active_jobs: runs.size,
+        memory_usage: process.memoryUsage().rss
+      })
+    ).pipe(
+      Effect.catchAllCause((c) => Effect.logWarning("worker heartbeat failed", c)),
+      Effect.delay(heartbeatEvery),
+      Effect.forever,
+      Effect.interruptible,
+      FiberSet.run(fibers)
+    )
+    wake()
+
+    // Stopping (runs first: added last): abandon running jobs without a write, leave the
+    // registry. The reaper requeues or fails what was running, as after a crash.
+    yield* Effect.addFinalizer(() =>
+      Effect.gen(function* () {
+        stopping = true
+        yield* FiberSet.clear(fibers)
+        if (state !== "offline") {
+          yield* storage
+            .setWorkerStatus(workerId, "offline", "worker_deregistered", "Worker stopped", { reason: "shutdown" })
+            .pipe(Effect.timeout("5 seconds"), Effect.ignore)
+          yield* storage.closeTarget([workerId], "stopped").pipe(Effect.timeout("5 seconds"), Effect.ignore)
+        }
+      })
+    )
+    return control
+  })
+
+// --- internal ---
+
+const firstLine = (text: string) => text.split("\n")[0]!.slice(0, 500)
+
+/** Wake every worker once a requeued job's backoff has passed (in the background). */
+export const wakeLater = (storage: JobStorage.JobStorage, afterMs: number) =>
+  storage.notify(JobStorage.anyJobsChannel, "retry").pipe(
+    Effect.delay(Duration.millis(afterMs + 5)),
+    Effect.ignore,
+    Effect.forkDaemon,
+    Effect.asVoid
+  )

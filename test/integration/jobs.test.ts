@@ -1,0 +1,376 @@
+import { describe, expect, layer } from "@effect/vitest"
+import { SqlClient } from "@effect/sql"
+import { Deferred, Effect, Queue } from "effect"
+import * as Crypto from "node:crypto"
+import * as Db from "../fixtures/Db.ts"
+import { command, eventually, slot, startGateway, startWorker } from "../fixtures/Jobs.ts"
+
+const key = () => Crypto.randomUUID()
+
+const eventsOf = (jobId: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    sql<{ event_type: string; actor: string | null; metadata: Record<string, unknown>; message: string }>`
+      SELECT event_type, actor, metadata, message FROM gh_job_events WHERE job_id = ${jobId}::uuid ORDER BY id`
+  )
+
+const statusOf = (jobId: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    Effect.map(
+      sql<{ status: string; worker_id: string | null; error_code: string | null; attempts: number; node_id: string | null }>`
+        SELECT status, worker_id, error_code, attempts, node_id FROM gh_automation_jobs WHERE id = ${jobId}::uuid`,
+      (rows) => rows[0]!
+    )
+  )
+
+const statusIs = (jobId: string, status: string) =>
+  eventually(Effect.map(statusOf(jobId), (r) => (r.status === status ? r : undefined)))
+
+describe("jobs and workers", () => {
+  layer(Db.layer, { excludeTestServices: true })((it) => {
+    it.scoped("an `any` job runs on a worker and completes; events, counters and the client app's IP query agree", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw1")
+        const w = yield* startWorker("n1", { ec2Ip: "10.0.0.7", ec2InstanceId: "i-0abc", targetWorkerId: "sandbox-1" })
+        const k = key()
+        const job = yield* jobs.submit({ valet_task_id: "task-1", job_type: "ctl", payload: { key: k } })
+        expect(job.status).toBe("queued")
+        expect(job.worker_affinity).toBe("any")
+        const started = yield* Deferred.await(slot(k).started)
+        expect(started.workerId).toBe("w-n1")
+        // The client app's query, unchanged, while the worker runs the job.
+        const ip = yield* sql<{ ec2_ip: string }>`SELECT ec2_ip FROM gh_worker_registry WHERE worker_id = ${"w-n1"}
+          AND status IN ('active','draining') AND ec2_ip IS NOT NULL ORDER BY last_heartbeat DESC LIMIT 1`
+        expect(ip[0]?.ec2_ip).toBe("10.0.0.7")
+        const running = yield* sql<{ current_job_id: string }>`SELECT current_job_id::text FROM gh_worker_registry WHERE worker_id = 'w-n1'`
+        expect(running[0]?.current_job_id).toBe(job.id)
+        yield* command(k, { _tag: "complete", result: { answer: 42 } })
+        yield* statusIs(job.id, "completed")
+        const done = yield* jobs.get(job.id)
+        expect(done.result).toEqual({ answer: 42 })
+        expect(done.worker_id).toBe("w-n1")
+        const events = yield* eventsOf(job.id)
+        expect(events.map((e) => e.event_type)).toEqual(["job_started", "job_completed"])
+        for (const e of events) {
+          expect(e.actor).toBe("w-n1")
+          expect(e.metadata.worker_id).toBe("w-n1")
+          expect(typeof e.metadata.elapsed_ms).toBe("number")
+        }
+        const counters = yield* sql<{ jobs_completed: number; current_job_id: string | null }>`
+          SELECT jobs_completed, current_job_id FROM gh_worker_registry WHERE worker_id = 'w-n1'`
+        expect(counters[0]).toEqual({ jobs_completed: 1, current_job_id: null })
+        const registered = yield* sql<{ metadata: Record<string, unknown> }>`
+          SELECT metadata FROM gh_worker_events WHERE worker_id = 'w-n1' AND event_type = 'worker_registered'`
+        expect(registered[0]?.metadata).toMatchObject({ ec2_instance_id: "i-0abc", ec2_ip: "10.0.0.7", target_worker_id: "sandbox-1" })
+        expect(w.worker.stats().completed).toBe(1)
+      })
+    )
+
+    it.scoped("strict jobs run only on their target; an offline, draining or full target refuses them with WORKER_UNAVAILABLE", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw2")
+        const a = yield* startWorker("n2a", { targetWorkerId: "sandbox-a" })
+        yield* startWorker("n2b")
+        const unknown = yield* Effect.flip(
+          jobs.submit({ job_type: "noop", worker_affinity: "strict", target_worker_id: "nobody" })
+        )
+        expect(unknown._tag).toBe("WorkerUnavailable")
+        expect(unknown.message).toContain("no such worker")
+        // By sandbox id, as the client app sends it.
+        const keys = [key(), key(), key()]
+        const first = yield* jobs.submit({ job_type: "ctl", payload: { key: keys[0] }, worker_affinity: "strict", target_worker_id: "sandbox-a" })
+        expect((yield* Deferred.await(slot(keys[0]!).started)).workerId).toBe("w-n2a")
+        const full = yield* Effect.flip(
+          jobs.submit({ job_type: "ctl", payload: { key: keys[1] }, worker_affinity: "strict", target_worker_id: "w-n2a" })
+        )
+        expect(full._tag).toBe("WorkerUnavailable")
+        expect(full.message).toContain("full")
+        yield* command(keys[0]!, { _tag: "complete" })
+        yield* statusIs(first.id, "completed")
+        // Many strict jobs in a row, one at a time: every one runs on the target.
+        for (let i = 0; i < 3; i++) {
+          const k = key()
+          const j = yield* eventually(
+            jobs.submit({ job_type: "ctl", payload: { key: k }, worker_affinity: "strict", target_worker_id: "sandbox-a" }).pipe(
+              Effect.option,
+              Effect.map((o) => (o._tag === "Some" ? o.value : undefined))
+            )
+          )
+          expect((yield* Deferred.await(slot(k).started)).workerId).toBe("w-n2a")
+          yield* command(k, { _tag: "complete" })
+          const done = yield* statusIs(j.id, "completed")
+          expect(done.worker_id).toBe("w-n2a")
+        }
+        yield* a.worker.drain("deploy")
+        const draining = yield* Effect.flip(
+          jobs.submit({ job_type: "noop", worker_affinity: "strict", target_worker_id: "w-n2a" })
+        )
+        expect(draining.message).toContain("draining")
+        yield* a.stop
+        const offline = yield* Effect.flip(
+          jobs.submit({ job_type: "noop", worker_affinity: "strict", target_worker_id: "w-n2a" })
+        )
+        expect(offline.message).toContain("offline")
+      })
+    )
+
+    it.scoped("preferred: an idle target runs it; a busy target gives it to another after the wait; a draining target at once", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw3")
+        const target = yield* startWorker("n3t")
+        yield* startWorker("n3o")
+        const k1 = key()
+        yield* jobs.submit({ job_type: "ctl", payload: { key: k1 }, worker_affinity: "preferred", target_worker_id: "w-n3t" })
+        expect((yield* Deferred.await(slot(k1).started)).workerId).toBe("w-n3t")
+        // The target is busy now: the next preferred job goes elsewhere after the wait.
+        const k2 = key()
+        const j2 = yield* jobs.submit({ job_type: "ctl", payload: { key: k2 }, worker_affinity: "preferred", target_worker_id: "w-n3t" })
+        expect((yield* Deferred.await(slot(k2).started)).workerId).toBe("w-n3o")
+        const events = yield* eventsOf(j2.id)
+        expect(events[0]?.metadata.worker_id).toBe("w-n3o")
+        yield* command(k1, { _tag: "complete" })
+        yield* command(k2, { _tag: "complete" })
+        yield* statusIs(j2.id, "completed")
+        yield* target.worker.drain("scale-down")
+        const k3 = key()
+        yield* jobs.submit({ job_type: "ctl", payload: { key: k3 }, worker_affinity: "preferred", target_worker_id: "w-n3t" })
+        expect((yield* Deferred.await(slot(k3).started)).workerId).toBe("w-n3o")
+        yield* command(k3, { _tag: "complete" })
+      })
+    )
+
+    it.scoped("cancel reaches the node that runs the job, interrupts its handler at once and records who ran it", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw4")
+        yield* startWorker("n4")
+        const k = key()
+        const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k }, callback_url: "http://127.0.0.1:9/cb" })
+        yield* Deferred.await(slot(k).started)
+        const state = yield* jobs.cancel(job.id, "user pressed stop")
+        expect(state).toMatchObject({ job_id: job.id, status: "cancelled", worker_id: "w-n4", node_id: "n4" })
+        expect(yield* Deferred.isDone(slot(k).interrupted)).toBe(true)
+        const row = yield* statusOf(job.id)
+        expect(row).toMatchObject({ status: "cancelled", worker_id: "w-n4", error_code: "CANCELLED" })
+        const events = yield* eventsOf(job.id)
+        const cancelled = events.find((e) => e.event_type === "job_cancelled")!
+        expect(cancelled.metadata).toMatchObject({ worker_id: "w-n4", node_id: "n4", reason: "user pressed stop" })
+        const sql = yield* SqlClient.SqlClient
+        const callbacks = yield* sql<{ status: string; payload: Record<string, unknown> }>`
+          SELECT status, payload FROM callback_outbox WHERE job_id = ${job.id}::uuid ORDER BY id`
+        expect(callbacks.map((c) => c.status)).toEqual(["running", "cancelled"])
+        expect(callbacks[1]!.payload).toMatchObject({ job_id: job.id, status: "cancelled", worker_id: "w-n4" })
+        // A terminal state never changes; an unknown job is NOT_FOUND; a queued one is cancelled in its row.
+        const again = yield* Effect.flip(jobs.cancel(job.id))
+        expect(again._tag).toBe("Conflict")
+        const missing = yield* Effect.flip(jobs.cancel(Crypto.randomUUID()))
+        expect(missing._tag).toBe("NotFound")
+        const bad = yield* Effect.flip(jobs.cancel("not-a-uuid"))
+        expect(bad._tag).toBe("InvalidRequest")
+      })
+    )
+
+    it.scoped("a queued job is cancelled in its row without any worker", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw5")
+        const job = yield* jobs.submit({ job_type: "noop" })
+        const state = yield* jobs.cancel(job.id)
+        expect(state.status).toBe("cancelled")
+        expect((yield* statusOf(job.id)).status).toBe("cancelled")
+        const w = yield* startWorker("n5")
+        w.worker.wake()
+        const later = yield* jobs.submit({ job_type: "noop" })
+        yield* statusIs(later.id, "completed")
+        expect((yield* statusOf(job.id)).status).toBe("cancelled")
+      })
+    )
+
+    it.scoped("needs_human pauses the job on its worker; resume continues it there; resuming a running job is a CONFLICT", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw6")
+        yield* startWorker("n6")
+        const k = key()
+        const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
+        yield* Deferred.await(slot(k).started)
+        const early = yield* Effect.flip(jobs.resume(job.id, { resolved_by: "human" }))
+        expect(early._tag).toBe("Conflict")
+        yield* command(k, { _tag: "needs_human", timeoutSeconds: 60 })
+        yield* statusIs(job.id, "needs_human")
+        const paused = yield* jobs.get(job.id)
+        expect(paused.interaction).toMatchObject({ type: "captcha", captcha_type: "recaptcha_v2", timeout_seconds: 60 })
+        const state = yield* jobs.resume(job.id, { resolved_by: "human", resolution_data: { solved: true } })
+        expect(state).toMatchObject({ status: "running", worker_id: "w-n6", node_id: "n6" })
+        const answer = yield* Queue.take(slot(k).resumed)
+        expect(answer).toMatchObject({ resolved_by: "human", resolution_data: { solved: true } })
+        yield* command(k, { _tag: "complete" })
+        yield* statusIs(job.id, "completed")
+        const types = (yield* eventsOf(job.id)).map((e) => e.event_type)
+        expect(types).toEqual(["job_started", "interaction_needed", "interaction_resolved", "job_completed"])
+        const bad = yield* Effect.flip(jobs.resume(job.id, { resolved_by: "" }))
+        expect(bad._tag).toBe("InvalidRequest")
+      })
+    )
+
+    it.scoped("a pause that outlives its timeout fails the job with HITL_TIMEOUT", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw7")
+        yield* startWorker("n7")
+        const k = key()
+        const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
+        yield* Deferred.await(slot(k).started)
+        yield* command(k, { _tag: "needs_human", timeoutSeconds: 1 })
+        const row = yield* statusIs(job.id, "failed")
+        expect(row.error_code).toBe("HITL_TIMEOUT")
+        const late = yield* Effect.flip(jobs.resume(job.id, { resolved_by: "human" }))
+        expect(late._tag).toBe("Conflict")
+      })
+    )
+
+    it.scoped("a worker that dies: its `any` job runs elsewhere, its strict job fails with WORKER_UNAVAILABLE", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw8")
+        const doomed = yield* startWorker("n8d", { maxConcurrent: 2 })
+        const kAny = key()
+        const kStrict = key()
+        const anyJob = yield* jobs.submit({ job_type: "ctl", payload: { key: kAny }, target_worker_id: "w-n8d", worker_affinity: "preferred" })
+        const strictJob = yield* jobs.submit({ job_type: "ctl", payload: { key: kStrict }, target_worker_id: "w-n8d", worker_affinity: "strict" })
+        yield* Deferred.await(slot(kAny).started)
+        yield* Deferred.await(slot(kStrict).started)
+        yield* doomed.stop
+        yield* startWorker("n8s")
+        const failed = yield* statusIs(strictJob.id, "failed")
+        expect(failed.error_code).toBe("WORKER_UNAVAILABLE")
+        yield* eventually(Effect.sync(() => (slot(kAny).runs.length === 2 ? true : undefined)))
+        expect(slot(kAny).runs).toEqual(["w-n8d", "w-n8s"])
+        expect(slot(kStrict).runs).toEqual(["w-n8d"])
+        const moved = yield* statusOf(anyJob.id)
+        expect(moved).toMatchObject({ status: "running", worker_id: "w-n8s", attempts: 2, node_id: "n8s" })
+        // The cancel follows the job to its new node.
+        const state = yield* jobs.cancel(anyJob.id)
+        expect(state).toMatchObject({ status: "cancelled", node_id: "n8s" })
+        const types = (yield* eventsOf(anyJob.id)).map((e) => e.event_type)
+        expect(types).toEqual(["job_started", "job_requeued", "job_started", "job_cancelled"])
+      })
+    )
+
+    it.scoped("timeout_seconds: an attempt past its deadline is stopped and retried, then failed with TIMEOUT", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw9")
+        yield* startWorker("n9")
+        const k = key()
+        const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k }, timeout_seconds: 1, max_attempts: 2 })
+        const row = yield* statusIs(job.id, "failed")
+        expect(row).toMatchObject({ error_code: "TIMEOUT", attempts: 2 })
+        expect(slot(k).runs).toEqual(["w-n9", "w-n9"])
+      })
+    )
+
+    it.scoped("deregister by sandbox id cancels the active jobs, returns their ids and takes the worker offline", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw10")
+        yield* startWorker("n10", { targetWorkerId: "sandbox-10" })
+        const k = key()
+        const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
+        yield* Deferred.await(slot(k).started)
+        const queuedStrict = yield* Effect.flip(
+          jobs.submit({ job_type: "noop", worker_affinity: "strict", target_worker_id: "sandbox-10" })
+        )
+        expect(queuedStrict._tag).toBe("WorkerUnavailable")
+        const result = yield* jobs.deregister({
+          target_worker_id: "sandbox-10",
+          reason: "sandbox_terminated",
+          cancel_active_jobs: true,
+          drain_timeout_seconds: 30
+        })
+        expect(result).toEqual({ worker_ids: ["w-n10"], cancelled_job_ids: [job.id] })
+        expect((yield* statusOf(job.id)).status).toBe("cancelled")
+        const w = yield* sql<{ status: string; deregister_reason: string }>`
+          SELECT status, deregister_reason FROM gh_worker_registry WHERE worker_id = 'w-n10'`
+        expect(w[0]).toEqual({ status: "offline", deregister_reason: "sandbox_terminated" })
+        const ev = yield* sql<{ event_type: string; metadata: Record<string, unknown> }>`
+          SELECT event_type, metadata FROM gh_worker_events WHERE worker_id = 'w-n10' ORDER BY id`
+        const types = ev.map((e) => e.event_type)
+        expect(types).toContain("worker_draining")
+        const last = ev.at(-1)!
+        expect(last.event_type).toBe("worker_deregistered")
+        expect(last.metadata).toMatchObject({ reason: "sandbox_terminated", jobs_completed: 0 })
+        expect(typeof last.metadata.uptime_seconds).toBe("number")
+        const unknown = yield* Effect.flip(jobs.deregister({ worker_id: "nobody" }))
+        expect(unknown._tag).toBe("NotFound")
+      })
+    )
+
+    it.scoped("handler reports become events with progress, and token usage becomes the cost in the job and its callback", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw11")
+        yield* startWorker("n11")
+        const job = yield* jobs.submit({ job_type: "report", callback_url: "http://127.0.0.1:9/cb" })
+        yield* statusIs(job.id, "completed")
+        const events = yield* eventsOf(job.id)
+        expect(events.map((e) => e.event_type)).toEqual([
+          "job_started",
+          "step_started",
+          "step_completed",
+          "thought",
+          "tokens_used",
+          "tokens_used",
+          "cookbook_step_started",
+          "cookbook_step_completed",
+          "mode_switched",
+          "observation_started",
+          "observation_completed",
+          "job_completed"
+        ])
+        const step = events.find((e) => e.event_type === "step_started")!
+        expect(step.metadata).toMatchObject({ worker_id: "w-n11", step_index: 1, total_steps: 2 })
+        expect(events.find((e) => e.event_type === "mode_switched")!.metadata).toMatchObject({ fromMode: "cookbook", toMode: "ai" })
+        const cost = (yield* jobs.get(job.id)).cost as Record<string, unknown>
+        // 10,000 in × $3/M + 2,000 out × $15/M = $0.06; 3,230 × $1/M = $0.00323
+        expect(cost).toEqual({
+          total_cost_usd: 0.06323,
+          action_count: 2,
+          total_tokens: 15_230,
+          breakdown: [
+            { model: "claude-sonnet-4-20250514", tokens: 12_000, cost_usd: 0.06 },
+            { model: "claude-haiku-4-5-20251001", tokens: 3_230, cost_usd: 0.00323 }
+          ]
+        })
+        const callbacks = yield* sql<{ status: string; payload: Record<string, unknown> }>`
+          SELECT status, payload FROM callback_outbox WHERE job_id = ${job.id}::uuid ORDER BY id`
+        expect(callbacks.map((c) => c.status)).toEqual(["running", "completed"])
+        expect(callbacks[1]!.payload).toMatchObject({
+          job_id: job.id,
+          status: "completed",
+          worker_id: "w-n11",
+          target_worker_id: null,
+          cost,
+          result: { submitted: true },
+          error_code: null
+        })
+      })
+    )
+
+    it.scoped("bad submissions get typed errors and nothing is stored", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw12")
+        const countJobs = Effect.map(sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs`, (r) => r[0]!.n)
+        const before = yield* countJobs
+        for (const bad of [
+          {},
+          { job_type: "x", worker_affinity: "sometimes" },
+          { job_type: "x", worker_affinity: "strict" },
+          { job_type: "x", priority: "high" },
+          { job_type: "x", callback_url: "ftp://nope" },
+          { job_type: "x", surprise: 1 },
+          "not an object"
+        ]) {
+          const e = yield* Effect.flip(jobs.submit(bad))
+          expect(e._tag).toBe("InvalidRequest")
+        }
+        expect(yield* countJobs).toBe(before)
+      })
+    )
+  })
+})
