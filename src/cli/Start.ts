@@ -3,12 +3,18 @@
  * and one node with the gateway and worker roles, until Ctrl-C.
  */
 import { Command } from "@effect/cli"
-import { Console, Effect, Option } from "effect"
+import { Console, Effect, Option, Schema } from "effect"
 import * as Path from "node:path"
+import { builtinHandlers } from "../actors/BuiltinHandlers.ts"
 import { Probe } from "../actors/Probe.ts"
-import { NodeConfig } from "../runtime/Config.ts"
+import * as CallbackDispatcher from "../runtime/CallbackDispatcher.ts"
+import { NodeConfig, PricesConfig, WorkerConfig } from "../runtime/Config.ts"
 import * as Database from "../runtime/Database.ts"
+import { defaultPrices } from "../runtime/JobHandler.ts"
+import * as Jobs from "../runtime/Jobs.ts"
 import * as Node from "../runtime/Node.ts"
+import * as Reaper from "../runtime/Reaper.ts"
+import * as Worker from "../runtime/Worker.ts"
 
 /** Run a node until interrupted. */
 export const run = Effect.gen(function* () {
@@ -21,6 +27,37 @@ export const run = Effect.gen(function* () {
     heartbeat: `${config.heartbeatMs} millis`
   })
   yield* node.spawn(Probe, config.nodeId)
+  const roles = config.role.split("+")
+  const parts: Array<string> = []
+  if (roles.includes("gateway")) {
+    yield* Jobs.make(node, yield* Jobs.OptionsConfig)
+    yield* Reaper.make({ nodeId: node.id })
+    yield* CallbackDispatcher.makeConfig({ node, nodeId: node.id })
+    parts.push("  gateway   job service, reaper and callback dispatcher")
+  }
+  if (roles.includes("worker")) {
+    const wc = yield* WorkerConfig
+    const prices = yield* Effect.flatMap(PricesConfig, (raw) =>
+      Option.match(raw, {
+        onNone: () => Effect.succeed(defaultPrices),
+        onSome: (json) =>
+          Effect.map(Schema.decodeUnknown(Schema.parseJson(PriceTable))(json), (table) => ({ ...defaultPrices, ...table }))
+      })
+    )
+    const worker = yield* Worker.make(node, {
+      workerId: Option.getOrUndefined(wc.workerId),
+      targetWorkerId: Option.getOrNull(wc.targetWorkerId),
+      ec2InstanceId: Option.getOrNull(wc.ec2InstanceId),
+      ec2Ip: Option.getOrNull(wc.ec2Ip),
+      maxConcurrent: wc.maxConcurrent,
+      heartbeat: `${wc.heartbeatMs} millis`,
+      handlers: builtinHandlers,
+      prices
+    })
+    parts.push(
+      `  worker    ${worker.workerId}: up to ${wc.maxConcurrent} job(s) at a time; job types ${Object.keys(builtinHandlers).join(", ")}`
+    )
+  }
   const database = Option.match(urls.embedded, {
     onNone: () => "the server named by DATABASE_URL",
     onSome: (pg) =>
@@ -31,7 +68,9 @@ export const run = Effect.gen(function* () {
       `troupe node "${node.id}" is up (roles: ${config.role})`,
       `  database  ${database}`,
       `  probe     actor probe:${node.id} answers {"_tag":"Ping","text":"…"}`,
+      ...parts,
       `  inspect   npx troupe inspect nodes | actors | actor <id> | send <id> <json> [--ask] | tail`,
+      `            npx troupe inspect jobs | job <id> | workers`,
       "  stop      Ctrl-C"
     ].join("\n")
   )
@@ -47,6 +86,11 @@ export const command = Command.make("start", {}, () => run).pipe(
 )
 
 // --- internal ---
+
+const PriceTable = Schema.Record({
+  key: Schema.String,
+  value: Schema.Struct({ input_per_mtok_usd: Schema.Number, output_per_mtok_usd: Schema.Number })
+})
 
 const displayPath = (dir: string) => {
   const rel = Path.relative(process.cwd(), dir)

@@ -29,3 +29,19 @@ export const NodeConfig = Config.all({
   dataDir: Config.string("TROUPE_DATA_DIR").pipe(Config.withDefault(".troupe")),
   heartbeatMs: Config.integer("TROUPE_HEARTBEAT_MS").pipe(Config.withDefault(5000))
 })
+
+/** A worker's settings: `GH_WORKER_ID`, `TARGET_WORKER_ID`, `EC2_INSTANCE_ID`, `EC2_IP`, `MAX_CONCURRENT_JOBS`, `GH_WORKER_HEARTBEAT_MS`. */
+export const WorkerConfig = Config.all({
+  workerId: Config.option(Config.string("GH_WORKER_ID")),
+  targetWorkerId: Config.option(Config.string("TARGET_WORKER_ID")),
+  ec2InstanceId: Config.option(Config.string("EC2_INSTANCE_ID")),
+  ec2Ip: Config.option(Config.string("EC2_IP")),
+  maxConcurrent: Config.integer("MAX_CONCURRENT_JOBS").pipe(
+    Config.validate({ message: "MAX_CONCURRENT_JOBS must be between 1 and 1000", validation: (n) => n >= 1 && n <= 1000 }),
+    Config.withDefault(1)
+  ),
+  heartbeatMs: Config.integer("GH_WORKER_HEARTBEAT_MS").pipe(Config.withDefault(10_000))
+})
+
+/** Model prices (`TROUPE_PRICES`, JSON: `{"model": {"input_per_mtok_usd": 3, "output_per_mtok_usd": 15}}`), merged over the defaults. */
+export const PricesConfig = Config.option(Config.string("TROUPE_PRICES"))

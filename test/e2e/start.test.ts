@@ -85,7 +85,8 @@ describe("npm start", () => {
 
         const nodes = yield* Processes.troupeJson(["inspect", "nodes", "--json"], env)
         expect(nodes).toEqual([
-          expect.objectContaining({ id: nodeId, state: "up", status: "running", pid: owner.pid, actors: 1 })
+          // The probe and the node's WorkerActor.
+          expect.objectContaining({ id: nodeId, state: "up", status: "running", pid: owner.pid, actors: 2 })
         ])
 
         const reply = yield* ping(nodeId, "hi", env)
@@ -162,6 +163,12 @@ describe("npm start", () => {
         expect(actors).toEqual([
           expect.objectContaining({
             actor_id: `probe:${nodeId}`,
+            node_id: nodeId,
+            epoch: 1,
+            status: "active"
+          }),
+          expect.objectContaining({
+            actor_id: `worker:worker-${nodeId}`,
             node_id: nodeId,
             epoch: 1,
             status: "active"
