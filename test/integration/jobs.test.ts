@@ -2,6 +2,9 @@ import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
 import { Deferred, Effect, Queue } from "effect"
 import * as Crypto from "node:crypto"
+import * as Http from "node:http"
+import type { AddressInfo } from "node:net"
+import * as CallbackDispatcher from "../../src/runtime/CallbackDispatcher.ts"
 import * as Db from "../fixtures/Db.ts"
 import { command, eventually, slot, startGateway, startWorker } from "../fixtures/Jobs.ts"
 
@@ -24,6 +27,36 @@ const statusOf = (jobId: string) =>
 
 const statusIs = (jobId: string, status: string) =>
   eventually(Effect.map(statusOf(jobId), (r) => (r.status === status ? r : undefined)))
+
+/** A real HTTP server that fails the first `failures` requests of each idempotency key, then answers 200. */
+const callbackServer = (failures: number) =>
+  Effect.acquireRelease(
+    Effect.async<{ url: string; received: Array<{ key: string; status: number; body: Record<string, unknown> }>; close: () => void }>(
+      (resume) => {
+        const received: Array<{ key: string; status: number; body: Record<string, unknown> }> = []
+        const server = Http.createServer((req, res) => {
+          const chunks: Array<Buffer> = []
+          req.on("data", (c: Buffer) => chunks.push(c))
+          req.on("end", () => {
+            const key = String(req.headers["idempotency-key"] ?? "")
+            const status = received.filter((r) => r.key === key).length < failures ? 503 : 200
+            received.push({ key, status, body: JSON.parse(Buffer.concat(chunks).toString("utf8")) })
+            res.writeHead(status).end()
+          })
+        })
+        server.listen(0, "127.0.0.1", () =>
+          resume(
+            Effect.succeed({
+              url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/callbacks/valet`,
+              received,
+              close: () => server.close()
+            })
+          )
+        )
+      }
+    ),
+    (s) => Effect.sync(() => s.close())
+  )
 
 describe("jobs and workers", () => {
   layer(Db.layer, { excludeTestServices: true })((it) => {
@@ -348,6 +381,38 @@ describe("jobs and workers", () => {
           result: { submitted: true },
           error_code: null
         })
+      })
+    )
+
+    it.scoped("callbacks: each status of a job reaches a real HTTP server once per idempotency key, through two failures", () =>
+      Effect.gen(function* () {
+        const server = yield* callbackServer(2)
+        const { jobs, node } = yield* startGateway("gw13")
+        yield* CallbackDispatcher.make({ node, nodeId: node.id, retryDelays: ["50 millis", "100 millis", "150 millis"] })
+        yield* startWorker("n13")
+        const k = key()
+        const job = yield* jobs.submit({ valet_task_id: "task-13", job_type: "ctl", payload: { key: k }, callback_url: server.url })
+        yield* Deferred.await(slot(k).started)
+        yield* command(k, { _tag: "needs_human", timeoutSeconds: 60 })
+        yield* statusIs(job.id, "needs_human")
+        yield* jobs.resume(job.id, { resolved_by: "human" })
+        yield* command(k, { _tag: "complete", result: { ok: 1 } })
+        const delivered = yield* eventually(
+          Effect.sync(() => {
+            const ok = server.received.filter((r) => r.status === 200)
+            return ok.length === 4 ? ok : undefined
+          })
+        )
+        expect(delivered.map((r) => r.body.status)).toEqual(["running", "needs_human", "running", "completed"])
+        expect(new Set(delivered.map((r) => r.key)).size).toBe(4)
+        // Two failed attempts per key before the success, and never a second success.
+        for (const r of delivered) expect(server.received.filter((x) => x.key === r.key).length).toBe(3)
+        for (const r of delivered) {
+          expect(r.body).toMatchObject({ job_id: job.id, valet_task_id: "task-13", worker_id: "w-n13", target_worker_id: null })
+          expect(r.body.cost).toMatchObject({ total_cost_usd: 0, action_count: 0, total_tokens: 0, breakdown: [] })
+        }
+        expect(delivered[1]!.body.interaction).toMatchObject({ type: "captcha", captcha_type: "recaptcha_v2" })
+        expect(delivered[3]!.body).toMatchObject({ result: { ok: 1 }, error_code: null, error_message: null })
       })
     )
 
