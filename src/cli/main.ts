@@ -1,7 +1,7 @@
 /**
  * The `troupe` command.
  */
-import { Command } from "@effect/cli"
+import { Command, ValidationError } from "@effect/cli"
 import { NodeContext, NodeRuntime } from "@effect/platform-node"
 import { Cause, Console, Effect, Exit } from "effect"
 import * as Inspect from "./Inspect.ts"
@@ -21,7 +21,8 @@ const report = <A, E, R>(self: Effect.Effect<A, E, R>) =>
     const failure = Cause.failureOption(exit.cause)
     const error = failure._tag === "Some" ? failure.value : Cause.squash(exit.cause)
     const tag = (error as { _tag?: string })?._tag
-    if (tag === "ValidationError" || tag === "HelpDoc") return Effect.sync(() => (process.exitCode = 2))
+    // @effect/cli has printed what was wrong with the arguments already.
+    if (ValidationError.isValidationError(error) || tag === "HelpDoc") return Effect.sync(() => (process.exitCode = 2))
     const message =
       error instanceof Error || (error && typeof (error as Error).message === "string")
         ? (error as Error).message
