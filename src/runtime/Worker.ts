@@ -173,15 +173,18 @@ export const make = (
         if (!live) yield* lose(run)
       })
 
-    const disarm = (run: Run) => {
-      if (run.timer) Fiber.interruptFork(run.timer).pipe(Effect.runFork)
-      run.timer = undefined
-    }
+    const disarm = (run: Run) =>
+      Effect.suspend(() => {
+        const timer = run.timer
+        run.timer = undefined
+        // Not awaited: the timer may be the fiber interrupting this job right now.
+        return timer ? Fiber.interruptFork(timer) : Effect.void
+      })
 
     /** Enforce `timeout_seconds` while the job runs (paused while it waits for a human). */
     const arm = (run: Run) =>
       Effect.gen(function* () {
-        disarm(run)
+        yield* disarm(run)
         const seconds = run.row.timeout_seconds
         if (seconds === null) return
         run.timer = yield* Effect.sleep(Duration.seconds(seconds)).pipe(
@@ -236,7 +239,7 @@ export const make = (
             if (ok) {
               run.status = "needs_human"
               run.resume = resume
-              disarm(run)
+              yield* disarm(run)
             }
             return ok
           })
@@ -368,7 +371,7 @@ export const make = (
             const exit = yield* Effect.exit(
               restore(Effect.provideService(handler, JobHandler.JobContext, contextOf(run)))
             )
-            disarm(run)
+            yield* disarm(run)
             const final = yield* conclude(run, exit)
             yield* Deferred.succeed(run.outcome, final)
           })
