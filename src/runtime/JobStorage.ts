@@ -206,6 +206,86 @@ export const make = Effect.gen(function* () {
       Effect.map((rows) => rows[0])
     )
 
+  /**
+   * End many attempts of one worker's jobs in one statement (`finish`, set-based): what
+   * the worker writes when handlers return. Returns the ids that were still live attempts.
+   */
+  const finishMany = (
+    workerId: string,
+    items: ReadonlyArray<{ readonly jobId: string; readonly epoch: number; readonly outcome: Outcome }>
+  ) =>
+    sql<{ id: string }>`
+      WITH input AS (
+        SELECT * FROM unnest(
+          ${items.map((i) => i.jobId)}::uuid[], ${items.map((i) => i.epoch)}::int[],
+          ${items.map((i) => i.outcome.status)}::text[], ${items.map((i) => json(i.outcome.result))}::jsonb[],
+          ${items.map((i) => i.outcome.errorCode ?? null)}::text[], ${items.map((i) => i.outcome.errorMessage ?? null)}::text[],
+          ${items.map((i) => i.outcome.eventType)}::text[], ${items.map((i) => i.outcome.message)}::text[],
+          ${items.map((i) => JSON.stringify(i.outcome.metadata))}::jsonb[]
+        ) AS u(id, epoch, status, result, error_code, error_message, event_type, event_message, metadata)
+      ),
+      j AS (
+        UPDATE gh_automation_jobs g SET status = i.status, result = i.result, error_code = i.error_code,
+          error_message = i.error_message, finished_at = now(), updated_at = now(), interaction = NULL, deadline_at = NULL
+        FROM input i
+        WHERE g.id = i.id AND g.attempts = i.epoch AND g.status IN ('running', 'needs_human')
+        RETURNING g AS job, g.id, g.worker_id, g.attempts, i.status AS new_status, i.event_type, i.event_message, i.metadata
+      ),
+      w AS (
+        UPDATE gh_worker_registry SET
+          jobs_completed = jobs_completed + (SELECT count(*) FROM j WHERE new_status = 'completed'),
+          jobs_failed = jobs_failed + (SELECT count(*) FROM j WHERE new_status = 'failed'),
+          current_job_id = CASE WHEN current_job_id IN (SELECT id FROM j) THEN NULL ELSE current_job_id END
+        WHERE worker_id = ${workerId}::text AND EXISTS (SELECT 1 FROM j)
+        RETURNING 1
+      ),
+      r AS (
+        DELETE FROM actor_registry a USING j WHERE a.actor_id = 'job:' || j.id AND a.epoch = j.attempts RETURNING 1
+      )
+      SELECT j.id::text AS id, troupe_job_event(j.job, j.event_type, j.event_message, j.worker_id, j.metadata, true) AS event_id
+      FROM j WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0`.withoutTransform.pipe(
+      Effect.map((rows) => new Set(rows.map((r) => r.id)))
+    )
+
+  /**
+   * Insert many jobs that need no availability check (`any` and `preferred`), in order, and
+   * wake everyone once. A `preferred` job whose target is up waits for it as in `insert`.
+   */
+  const insertMany = (jobs: ReadonlyArray<SubmitJob>, preferredWaitMs: number) =>
+    sql<JobRow>`
+      WITH input AS (
+        SELECT * FROM unnest(
+          ${jobs.map((j) => j.valet_task_id)}::text[], ${jobs.map((j) => j.job_type)}::text[],
+          ${jobs.map((j) => JSON.stringify(j.payload ?? {}))}::jsonb[], ${jobs.map((j) => j.target_worker_id)}::text[],
+          ${jobs.map((j) => j.worker_affinity)}::text[], ${jobs.map((j) => j.callback_url)}::text[],
+          ${jobs.map((j) => j.priority)}::int[], ${jobs.map((j) => j.max_attempts)}::int[],
+          ${jobs.map((j) => j.timeout_seconds)}::int[]
+        ) WITH ORDINALITY AS u(valet_task_id, job_type, payload, target_worker_id, worker_affinity, callback_url,
+                               priority, max_attempts, timeout_seconds, ord)
+      ),
+      up AS (
+        SELECT DISTINCT ON (k) k FROM (
+          SELECT w.worker_id AS k FROM gh_worker_registry w JOIN nodes n ON n.id = w.node_id
+          WHERE w.status = 'active' AND n.status = 'running' AND ${sql.literal(aliveSql)}
+          UNION ALL
+          SELECT w.target_worker_id FROM gh_worker_registry w JOIN nodes n ON n.id = w.node_id
+          WHERE w.status = 'active' AND w.target_worker_id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}
+        ) t
+      ),
+      ins AS (
+        INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, target_worker_id, worker_affinity,
+          callback_url, priority, max_attempts, timeout_seconds, open_at)
+        SELECT i.valet_task_id, i.job_type, i.payload, i.target_worker_id, i.worker_affinity, i.callback_url,
+          i.priority, i.max_attempts, i.timeout_seconds,
+          CASE WHEN i.worker_affinity = 'preferred' THEN
+            CASE WHEN i.target_worker_id IN (SELECT k FROM up)
+                 THEN now() + make_interval(secs => ${preferredWaitMs / 1000}::float8) ELSE now() END
+          END
+        FROM input i ORDER BY i.ord
+        RETURNING *
+      )
+      SELECT ${jobColumns("ins")}, (SELECT pg_notify('jobs:any', 'batch')) IS NULL AS woke FROM ins`.withoutTransform
+
   /** Cancel a job that no worker holds yet. Returns the job, or `undefined` if it was not queued. */
   const cancelQueued = (jobId: string, reason: string) =>
     sql<JobRow>`
@@ -540,6 +620,8 @@ export const make = Effect.gen(function* () {
     targetState,
     claim,
     finish,
+    finishMany,
+    insertMany,
     cancelQueued,
     needsHuman,
     resumed,

@@ -52,6 +52,13 @@ export type JobRequestError = NotFound | Conflict | InvalidRequest | RequestTime
 /** The job service. */
 export interface JobService {
   readonly submit: (input: unknown) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
+  /**
+   * Submit many jobs: all are validated first (one bad input stores nothing); `any` and
+   * `preferred` jobs go in one statement, `strict` ones one by one (each needs its target).
+   */
+  readonly submitMany: (
+    inputs: ReadonlyArray<unknown>
+  ) => Effect.Effect<ReadonlyArray<Job>, InvalidRequest | WorkerUnavailable | PersistenceError>
   readonly cancel: (jobId: string, reason?: string) => Effect.Effect<JobState, JobRequestError>
   readonly resume: (jobId: string, input: unknown) => Effect.Effect<JobState, JobRequestError>
   readonly get: (jobId: string) => Effect.Effect<Job, NotFound | InvalidRequest | PersistenceError>
@@ -162,6 +169,34 @@ export const make = (
           )
         }
         return JobStorage.toJob(row)
+      })
+
+    const submitMany = (inputs: ReadonlyArray<unknown>) =>
+      Effect.gen(function* () {
+        const decoded = yield* Effect.forEach(inputs, (input, i) =>
+          decode(SubmitJob, input).pipe(
+            Effect.mapError((e) => new InvalidRequest({ reason: `job ${i}: ${e.reason}` }))
+          )
+        )
+        const bad = decoded.findIndex((j) => j.worker_affinity !== "any" && j.target_worker_id === null)
+        if (bad >= 0) {
+          return yield* new InvalidRequest({ reason: `job ${bad}: worker_affinity "${decoded[bad]!.worker_affinity}" needs a target_worker_id` })
+        }
+        const loose = decoded.filter((j) => j.worker_affinity !== "strict")
+        const out: Array<Job> = []
+        for (let i = 0; i < loose.length; i += 5000) {
+          const rows = yield* storage.insertMany(loose.slice(i, i + 5000), preferredWaitMs).pipe(Effect.mapError(persistence))
+          for (const row of rows) out.push(JobStorage.toJob(row))
+        }
+        if (loose.some((j) => j.worker_affinity === "preferred") && preferredWaitMs > 0) {
+          yield* storage.notify(JobStorage.anyJobsChannel, "opened").pipe(
+            Effect.delay(Duration.millis(preferredWaitMs + 5)),
+            Effect.ignore,
+            Effect.forkIn(scope)
+          )
+        }
+        for (const j of decoded) if (j.worker_affinity === "strict") out.push(yield* submit(j))
+        return out
       })
 
     const cancel = (jobId: string, reason = "cancelled by request"): Effect.Effect<JobState, JobRequestError> =>
@@ -288,7 +323,7 @@ export const make = (
         return { worker_ids: [workerId], cancelled_job_ids: [] } satisfies DeregisterResult
       }).pipe(Effect.mapError(persistence))
 
-    return { submit, cancel, resume, get, events, drain, deregister } satisfies JobService
+    return { submit, submitMany, cancel, resume, get, events, drain, deregister } satisfies JobService
   })
 
 // --- internal ---

@@ -130,10 +130,47 @@ export const make = (
     }
 
     const runs = new Map<string, Run>()
+    // Made before `fibers`, so it stops after them: a job concluding during a stop still gets its answer.
+    const writers = yield* FiberSet.make<void, never>()
     const fibers = yield* FiberSet.make<void, never>()
     const idle = yield* Effect.makeLatch(true)
     const wakeQueue = yield* Queue.sliding<void>(1)
     const wake = () => void wakeQueue.unsafeOffer(undefined)
+
+    // --- Ending attempts, batched ---
+
+    // Handlers that return together end in one statement (measured: one statement per job
+    // capped no-op throughput at the database round trip).
+    interface Ending {
+      readonly jobId: string
+      readonly epoch: number
+      readonly outcome: JobStorage.Outcome
+      readonly done: Deferred.Deferred<boolean>
+    }
+    const endings = yield* Queue.unbounded<Ending>()
+    yield* Queue.takeBetween(endings, 1, 500).pipe(
+      Effect.flatMap((chunk) => {
+        const items = [...chunk]
+        return storage.finishMany(workerId, items).pipe(
+          Effect.retry(retryWrites),
+          Effect.matchEffect({
+            onFailure: (e) =>
+              Effect.zipRight(
+                Effect.logError(`worker ${workerId}: could not record the end of ${items.length} job(s)`, e),
+                Effect.forEach(items, (i) => Deferred.succeed(i.done, false), { discard: true })
+              ),
+            onSuccess: (ended) => Effect.forEach(items, (i) => Deferred.succeed(i.done, ended.has(i.jobId)), { discard: true })
+          })
+        )
+      }),
+      Effect.forever,
+      Effect.interruptible,
+      FiberSet.run(writers)
+    )
+    const finish = (jobId: string, epoch: number, outcome: JobStorage.Outcome) =>
+      Effect.flatMap(Deferred.make<boolean>(), (done) =>
+        Effect.zipRight(Queue.offer(endings, { jobId, epoch, outcome, done }), Deferred.await(done))
+      )
 
     const stateOf = (jobId: string, status: string, worker: string | null = workerId): JobActor.JobState => ({
       job_id: jobId,
@@ -284,10 +321,8 @@ export const make = (
           return stateOf(run.id, done?.status ?? "unknown")
         }
         const outcome = outcomeOf(run, exit)
-        const written = yield* storage
-          .finish(run.id, run.epoch, outcome)
-          .pipe(Effect.retry(retryWrites), Effect.orElseSucceed(() => undefined))
-        if (written === undefined) {
+        const written = yield* finish(run.id, run.epoch, outcome)
+        if (!written) {
           // Someone else ended this attempt first (the reaper, or a cancel of an orphan).
           const now = yield* storage.owner(run.id).pipe(Effect.orElseSucceed(() => undefined))
           return stateOf(run.id, now?.status ?? "unknown", now?.worker_id ?? null)

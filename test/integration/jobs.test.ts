@@ -416,6 +416,39 @@ describe("jobs and workers", () => {
       })
     )
 
+    it.scoped("submitMany: a batch of mixed jobs all run; one bad input in a batch stores nothing", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw14")
+        yield* startWorker("n14a", { maxConcurrent: 8 })
+        yield* startWorker("n14b", { maxConcurrent: 8 })
+        const countJobs = Effect.map(sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs`, (r) => r[0]!.n)
+        const before = yield* countJobs
+        const refused = yield* Effect.flip(jobs.submitMany([{ job_type: "noop" }, { job_type: "noop", priority: "x" }]))
+        expect(refused._tag).toBe("InvalidRequest")
+        expect(refused.message).toContain("job 1")
+        expect(yield* countJobs).toBe(before)
+        const batch = [
+          ...Array.from({ length: 60 }, () => ({ job_type: "noop" })),
+          ...Array.from({ length: 10 }, () => ({ job_type: "noop", worker_affinity: "preferred", target_worker_id: "w-n14b" })),
+          { job_type: "noop", worker_affinity: "strict", target_worker_id: "w-n14a" }
+        ]
+        const submitted = yield* jobs.submitMany(batch)
+        expect(submitted.length).toBe(71)
+        const ids = submitted.map((j) => j.id)
+        const done = yield* eventually(
+          Effect.map(
+            sql<{ status: string; worker_id: string; worker_affinity: string }>`
+              SELECT status, worker_id, worker_affinity FROM gh_automation_jobs WHERE id = ANY(${ids}::uuid[])`,
+            (rows) => (rows.every((r) => r.status === "completed") ? rows : undefined)
+          )
+        )
+        expect(done.filter((r) => r.worker_affinity === "strict").map((r) => r.worker_id)).toEqual(["w-n14a"])
+        const counters = yield* sql<{ n: number }>`SELECT sum(jobs_completed)::int AS n FROM gh_worker_registry WHERE worker_id IN ('w-n14a', 'w-n14b')`
+        expect(counters[0]!.n).toBe(71)
+      })
+    )
+
     it.scoped("bad submissions get typed errors and nothing is stored", () =>
       Effect.gen(function* () {
         const sql = yield* SqlClient.SqlClient
