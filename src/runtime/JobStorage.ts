@@ -84,6 +84,14 @@ export const make = Effect.gen(function* () {
    * `preferred` job is open to all at once when its target is not up, else after `preferredWaitMs`.
    */
   const insert = (job: SubmitJob, preferredWaitMs: number) =>
+    job.worker_affinity === "strict"
+      ? // Two strict submits to one target must not both see its last free slot.
+        sql.withTransaction(
+          Effect.zipRight(sql`SELECT pg_advisory_xact_lock(hashtext(${`troupe:strict:${job.target_worker_id}`}::text))`, insertOne(job, preferredWaitMs))
+        )
+      : insertOne(job, preferredWaitMs)
+
+  const insertOne = (job: SubmitJob, preferredWaitMs: number) =>
     sql<JobRow & { woke: string }>`
       WITH t AS (${targets(job.target_worker_id)}),
       avail AS (SELECT * FROM t WHERE status = 'active' AND alive ORDER BY load LIMIT 1),
@@ -104,6 +112,21 @@ export const make = Effect.gen(function* () {
         pg_notify('jobs:' || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
                                    ELSE 'any' END, ins.id::text) IS NULL AS woke
       FROM ins LEFT JOIN avail a ON true`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+
+  /**
+   * Jobs left queued for a target that went offline (a submit that raced the target's
+   * death): close those targets again. Cheap: it reads queued jobs by the partial index.
+   */
+  const closeOfflineTargets = sql<{ worker_id: string }>`
+      SELECT DISTINCT w.worker_id FROM gh_automation_jobs j
+      JOIN gh_worker_registry w ON j.target_worker_id IN (w.worker_id, w.target_worker_id)
+      WHERE j.status = 'queued' AND w.status = 'offline'
+        AND (j.worker_affinity = 'strict' OR (j.worker_affinity = 'preferred' AND (j.open_at IS NULL OR j.open_at > now())))`
+    .withoutTransform.pipe(
+      Effect.flatMap((rows) =>
+        rows.length === 0 ? Effect.succeed([]) : closeTarget(rows.map((r) => r.worker_id), "went offline")
+      )
+    )
 
   /** Why a target cannot take a strict job now. */
   const targetState = (target: string) =>
@@ -629,6 +652,7 @@ export const make = Effect.gen(function* () {
     reap,
     reapWorkers,
     closeTarget,
+    closeOfflineTargets,
     registerWorker,
     heartbeat,
     setWorkerStatus,

@@ -53,8 +53,9 @@ export type JobRequestError = NotFound | Conflict | InvalidRequest | RequestTime
 export interface JobService {
   readonly submit: (input: unknown) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
   /**
-   * Submit many jobs: all are validated first (one bad input stores nothing); `any` and
-   * `preferred` jobs go in one statement, `strict` ones one by one (each needs its target).
+   * Submit many jobs: all are validated first (one bad input stores nothing); `strict` ones
+   * go first, one by one (each needs its target; a refusal fails the call there), then the
+   * `any` and `preferred` ones in one statement.
    */
   readonly submitMany: (
     inputs: ReadonlyArray<unknown>
@@ -182,8 +183,11 @@ export const make = (
         if (bad >= 0) {
           return yield* new InvalidRequest({ reason: `job ${bad}: worker_affinity "${decoded[bad]!.worker_affinity}" needs a target_worker_id` })
         }
-        const loose = decoded.filter((j) => j.worker_affinity !== "strict")
+        // Strict jobs first, one by one: they are the ones a busy target can refuse, and a
+        // refusal then fails the call before the rest is stored.
         const out: Array<Job> = []
+        for (const j of decoded) if (j.worker_affinity === "strict") out.push(yield* submit(j))
+        const loose = decoded.filter((j) => j.worker_affinity !== "strict")
         for (let i = 0; i < loose.length; i += 5000) {
           const rows = yield* storage.insertMany(loose.slice(i, i + 5000), preferredWaitMs).pipe(Effect.mapError(persistence))
           for (const row of rows) out.push(JobStorage.toJob(row))
@@ -195,7 +199,6 @@ export const make = (
             Effect.forkIn(scope)
           )
         }
-        for (const j of decoded) if (j.worker_affinity === "strict") out.push(yield* submit(j))
         return out
       })
 

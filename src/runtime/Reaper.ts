@@ -67,6 +67,8 @@ export const make = (options: Options): Effect.Effect<Reaper, never, SqlClient.S
         } else counters.failed++
       }
       const offline = yield* storage.reapWorkers(staleSeconds)
+      const stranded = yield* storage.closeOfflineTargets
+      counters.failed += stranded.length
       counters.workersOffline += offline.length
       if (reaped.length > 0 || offline.length > 0) {
         yield* Effect.logInfo(

@@ -449,6 +449,30 @@ describe("jobs and workers", () => {
       })
     )
 
+    it.scoped("concurrent strict submits never overfill a target, and a strict job stranded on an offline target fails", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw15")
+        const w = yield* startWorker("n15", { maxConcurrent: 2 })
+        yield* w.worker.drain("hold claims so the slots stay queued")
+        yield* sql`UPDATE gh_worker_registry SET status = 'active' WHERE worker_id = 'w-n15'`
+        const results = yield* Effect.forEach(
+          Array.from({ length: 8 }, () => ({ job_type: "noop", worker_affinity: "strict", target_worker_id: "w-n15" })),
+          (input) => Effect.either(jobs.submit(input)),
+          { concurrency: "unbounded" }
+        )
+        const accepted = results.filter((r) => r._tag === "Right")
+        expect(accepted.length).toBe(2)
+        for (const r of results) if (r._tag === "Left") expect(r.left.message).toContain("full")
+        // The target goes offline behind the job service's back (as when a submit races its death).
+        yield* sql`UPDATE gh_worker_registry SET status = 'offline' WHERE worker_id = 'w-n15'`
+        for (const r of accepted) {
+          const failed = yield* statusIs(r.right.id, "failed")
+          expect(failed.error_code).toBe("WORKER_UNAVAILABLE")
+        }
+      })
+    )
+
     it.scoped("bad submissions get typed errors and nothing is stored", () =>
       Effect.gen(function* () {
         const sql = yield* SqlClient.SqlClient
