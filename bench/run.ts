@@ -13,6 +13,10 @@ const benchmarks: Record<
   routing: {
     description: "cross-node tell latency and throughput, raw NOTIFY baselines, memory per actor",
     load: () => import("./routing.ts")
+  },
+  jobs: {
+    description: "job pickup latency and throughput vs pg-boss and graphile-worker",
+    load: () => import("./jobs.ts")
   }
 }
 
