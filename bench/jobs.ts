@@ -19,6 +19,7 @@ import * as Path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Db from "./internal/db.ts"
 import * as Peers from "./internal/peers.ts"
+import * as Troupe from "./internal/troupe.ts"
 import { int, machine, ms, progress, round, table, writeResult } from "./internal/stats.ts"
 
 // --- Settings ---
@@ -87,14 +88,8 @@ export interface TroupeFigures {
  * `cpuMeter`. `Peers.Arrivals`, `Peers.pickupLoop`, `Peers.Counter` and `Peers.throughputRun`
  * are the peers' harness: use them so the numbers compare like for like.
  */
-export const measureTroupe = async (
-  db: Db.BenchDatabase,
-  ctx: Peers.Context
-): Promise<Partial<TroupeFigures>> => {
-  void db
-  void ctx
-  return {}
-}
+export const measureTroupe = (db: Db.BenchDatabase, ctx: Peers.Context): Promise<Partial<TroupeFigures>> =>
+  Troupe.measure(db, ctx)
 
 // --- Main ---
 
