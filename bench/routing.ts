@@ -206,6 +206,7 @@ const openLoop = (
     const { a, b } = pair
     const total = options.warmup + options.measured
     const latency = new Float64Array(total).fill(Number.NaN)
+    const committed = new Float64Array(total).fill(Number.NaN) // tell call to its commit (tell returns)
     const lag = new Float64Array(total) // tell call minus its scheduled time
     let handled = 0
     let failed = 0
@@ -239,9 +240,12 @@ const openLoop = (
         }
         lag[seq] = performance.now() - (start + seq * interval)
         yield* Effect.forkDaemon(
-          Effect.suspend(() => refs[seq % refs.length]!.tell(new Ping({ seq, t: performance.now() }))).pipe(
-            Effect.catchAll(() => Effect.sync(() => failed++))
-          )
+          Effect.suspend(() => {
+            const t = performance.now()
+            return refs[seq % refs.length]!.tell(new Ping({ seq, t })).pipe(
+              Effect.zipRight(Effect.sync(() => (committed[seq] = performance.now() - t)))
+            )
+          }).pipe(Effect.catchAll(() => Effect.sync(() => failed++)))
         )
       }
       if (i < total) {
@@ -270,6 +274,7 @@ const openLoop = (
     }
     return {
       summary: summarize(measured),
+      commit: summarize(committed.subarray(options.warmup).filter((x) => !Number.isNaN(x))),
       offered_rate_per_s: options.rate,
       achieved_send_rate_per_s: (options.measured / (sendEnd - measuredStart)) * 1000,
       schedule_lag: summarize(lag.subarray(options.warmup)),
@@ -448,7 +453,113 @@ const memoryChild = (url: string) =>
 
 // --- Main ---
 
-export const main = async (_args: ReadonlyArray<string>): Promise<void> => {
+/**
+ * `--quick` (about 20 s): only the latency phases (and a short raw ping-pong for reference),
+ * to compare a change before and after under the same conditions; writes routing-quick.json.
+ * `--rounds N` repeats the 1,000 msgs/s phase N times (default 3) and reports each round and
+ * their median, so that a burst of load from other processes shows up as one bad round.
+ */
+const mainQuick = async (args: ReadonlyArray<string>): Promise<void> => {
+  const startedAt = new Date()
+  const roundsArg = args.indexOf("--rounds")
+  const rounds = roundsArg >= 0 ? Math.max(1, Number(args[roundsArg + 1]) || 3) : 3
+  const quick = {
+    latency: { ...settings.latency, warmupMessages: 1_000, measuredMessages: 4_000 },
+    latencyLight: { ...settings.latencyLight, warmupMessages: 200, measuredMessages: 1_000 },
+    pingPong: { warmup: 100, roundTrips: 1_000 }
+  }
+  const host = machine()
+  progress(
+    `routing benchmark (quick): ${host.cpus} cores, Node ${host.node_version}, load average ${host.load_average_at_start.join(" ")}`
+  )
+  const db = await Db.open(progress)
+  try {
+    const server = await Db.serverInfo(db.url)
+    progress(`database ${db.name} on PostgreSQL ${server.version} (${db.server})`)
+    const rtt = await pingPong(db.url, quick.pingPong.warmup, quick.pingPong.roundTrips)
+    progress(`raw NOTIFY ping-pong rtt p50 ${ms(rtt.p50)}, p99 ${ms(rtt.p99)}`)
+    const serverPid = db.serverPid
+    const results = await Effect.runPromise(
+      Effect.gen(function* () {
+        const latKeys = keys("lat", quick.latency.targetActors)
+        const pair = yield* nodePair(db.url, "", true, latKeys)
+        const out: Array<{ name: string; r: Effect.Effect.Success<ReturnType<typeof openLoop>> }> = []
+        const phase = (name: string, p: { ratePerSecond: number; warmupMessages: number; measuredMessages: number }) =>
+          Effect.gen(function* () {
+            const r = yield* openLoop(pair, latKeys, {
+              rate: p.ratePerSecond,
+              warmup: p.warmupMessages,
+              measured: p.measuredMessages,
+              serverPid
+            })
+            progress(
+              `${name}: p50 ${ms(r.summary.p50)}, p99 ${ms(r.summary.p99)}, max ${ms(r.summary.max)}; commit p50 ${ms(r.commit.p50)}, p99 ${ms(r.commit.p99)}; ${r.avg_rows_per_write.toFixed(2)} rows/write, ${r.avg_rows_per_claim.toFixed(2)} rows/claim; CPU % of a core: process ${r.cpu?.process_pct_of_core}, Postgres ${r.cpu?.postgres_pct_of_core}, others ${r.cpu?.others_pct_of_core}`
+            )
+            out.push({ name, r })
+            yield* Effect.provide(settleMailbox, pair.ctxA)
+          })
+        for (let i = 0; i < rounds; i++) yield* phase(`1,000 msgs/s, round ${i + 1}`, quick.latency)
+        yield* phase("200 msgs/s", quick.latencyLight)
+        return out
+      }).pipe(Effect.scoped)
+    )
+    const at1000 = results.filter((x) => x.r.offered_rate_per_s === quick.latency.ratePerSecond)
+    const median = (xs: ReadonlyArray<number>) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
+    const p50 = median(at1000.map((x) => x.r.summary.p50))
+    const p99 = median(at1000.map((x) => x.r.summary.p99))
+    const rows: Array<Array<string>> = [
+      ["phase", "p50", "p99", "commit p50 / p99", "CPU: process / Postgres / others (% of a core)"],
+      ...results.map(({ name, r }) => [
+        name,
+        ms(r.summary.p50),
+        ms(r.summary.p99),
+        `${ms(r.commit.p50)} / ${ms(r.commit.p99)}`,
+        r.cpu
+          ? `${Math.round(r.cpu.process_pct_of_core)} / ${Number.isNaN(r.cpu.postgres_pct_of_core) ? "n/a" : Math.round(r.cpu.postgres_pct_of_core)} / ${Math.round(r.cpu.others_pct_of_core)}`
+          : ""
+      ]),
+      [`median of the 1,000 msgs/s rounds`, ms(p50), ms(p99), "", ""],
+      [`raw NOTIFY ping-pong RTT`, ms(rtt.p50), ms(rtt.p99), "", ""]
+    ]
+    console.log("")
+    console.log(
+      `routing benchmark (quick), ${startedAt.toISOString()}: PostgreSQL ${server.version} (${db.server}), Node ${host.node_version}, ${host.cpus} cores`
+    )
+    console.log(table(rows))
+    const r3 = (x: number) => round(x, 3)
+    const file = writeResult("routing-quick", {
+      benchmark: "routing --quick",
+      date: startedAt.toISOString(),
+      tell_p50_ms: r3(p50),
+      tell_p99_ms: r3(p99),
+      raw_notify_rtt_p50_ms: r3(rtt.p50),
+      raw_notify_rtt_p99_ms: r3(rtt.p99),
+      machine: { ...host, load_average_at_end: Os.loadavg().map((x) => round(x, 2)) },
+      settings: quick,
+      phases: results.map(({ name, r }) => ({
+        name,
+        p50_ms: r3(r.summary.p50),
+        p90_ms: r3(r.summary.p90),
+        p99_ms: r3(r.summary.p99),
+        max_ms: r3(r.summary.max),
+        commit_p50_ms: r3(r.commit.p50),
+        commit_p99_ms: r3(r.commit.p99),
+        avg_rows_per_write: round(r.avg_rows_per_write, 2),
+        avg_rows_per_claim: round(r.avg_rows_per_claim, 2),
+        statements: r.statements.per_message_a,
+        statements_b: r.statements.per_message_b,
+        cpu: r.cpu,
+        event_loop_delay_ms: r.event_loop_delay_ms
+      }))
+    })
+    progress(`wrote ${Path.relative(process.cwd(), file)}`)
+  } finally {
+    await db.close()
+  }
+}
+
+export const main = async (args: ReadonlyArray<string>): Promise<void> => {
+  if (args.includes("--quick")) return mainQuick(args)
   const startedAt = new Date()
   const host = machine()
   const wall = performance.now()
