@@ -34,10 +34,22 @@ const insertText = `
         WHERE COALESCE(i.node_id, r.node_id) IS NOT NULL
         ORDER BY i.ord
         ON CONFLICT (message_id) DO NOTHING
-        RETURNING message_id, node_id
+        RETURNING id, message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body
+      ),
+      per_node AS (
+        SELECT node_id, count(*) AS n, json_build_object('v', 1, 'ids', json_agg(id::text ORDER BY id))::text AS ids
+        FROM ins GROUP BY node_id
       ),
       woken AS (
-        SELECT count(pg_notify($9 || d.node_id, 'm')) AS n FROM (SELECT DISTINCT node_id FROM ins) d
+        SELECT count(pg_notify($9 || p.node_id, CASE
+          WHEN p.n <= $10 AND octet_length(w.rows) <= $11 THEN w.rows
+          WHEN octet_length(p.ids) <= $11 THEN p.ids
+          ELSE 'm' END)) AS n
+        FROM per_node p LEFT JOIN LATERAL (
+          SELECT json_build_object('v', 1, 'rows', json_agg(json_build_array(i.id::text, i.message_id, i.actor_id, i.kind,
+                   i.sender, i.reply_to, i.correlation_id, i.body) ORDER BY i.id))::text AS rows
+          FROM ins i WHERE p.n <= $10 AND i.node_id = p.node_id
+        ) w ON true
       )
       SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`
 
@@ -70,7 +82,9 @@ const params = (rows: ReadonlyArray<MailboxStorage.OutboundRow>) => [
   rows.map((r) => r.correlationId),
   rows.map((r) => r.body),
   rows.map((r) => r.nodeId),
-  "node:"
+  "node:",
+  32,
+  7000
 ]
 
 export interface StatementRow {

@@ -5,9 +5,13 @@
  * A row is addressed to the node that hosts its actor, looked up in `actor_registry` inside
  * the insert itself, so a tell never needs a registry round trip and a tell to an unknown id
  * is detected in the same statement.
+ *
+ * The wake-up NOTIFY of an insert says what was inserted, so that the receiver can skip the
+ * claim round trip (see `Wakeup`): the rows themselves when they fit in a small payload, else
+ * their ids, else just `m` ("something is pending"). The rows stay in the table either way.
  */
 import { SqlClient } from "@effect/sql"
-import { Effect } from "effect"
+import { Effect, Either, Schema } from "effect"
 import { nodeChannel } from "../protocol/Ids.ts"
 
 /** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
@@ -72,10 +76,22 @@ export const make = Effect.gen(function* () {
         WHERE COALESCE(i.node_id, r.node_id) IS NOT NULL
         ORDER BY i.ord
         ON CONFLICT (message_id) DO NOTHING
-        RETURNING message_id, node_id
+        RETURNING id, message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body
+      ),
+      per_node AS (
+        SELECT node_id, count(*) AS n, json_build_object('v', 1, 'ids', json_agg(id::text ORDER BY id))::text AS ids
+        FROM ins GROUP BY node_id
       ),
       woken AS (
-        SELECT count(pg_notify(${nodeChannel("")} || d.node_id, 'm')) AS n FROM (SELECT DISTINCT node_id FROM ins) d
+        SELECT count(pg_notify(${nodeChannel("")} || p.node_id, CASE
+          WHEN p.n <= ${wakeupMaxRows} AND octet_length(w.rows) <= ${wakeupMaxBytes} THEN w.rows
+          WHEN octet_length(p.ids) <= ${wakeupMaxBytes} THEN p.ids
+          ELSE 'm' END)) AS n
+        FROM per_node p LEFT JOIN LATERAL (
+          SELECT json_build_object('v', 1, 'rows', json_agg(json_build_array(i.id::text, i.message_id, i.actor_id, i.kind,
+                   i.sender, i.reply_to, i.correlation_id, i.body) ORDER BY i.id))::text AS rows
+          FROM ins i WHERE p.n <= ${wakeupMaxRows} AND i.node_id = p.node_id
+        ) w ON true
       )
       SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`.withoutTransform
 
@@ -95,6 +111,19 @@ export const make = Effect.gen(function* () {
         SELECT id FROM actor_mailbox WHERE node_id = ${nodeId} AND claim IS NULL
         ORDER BY id LIMIT ${limit} FOR UPDATE SKIP LOCKED
       )
+      RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
+                m.correlation_id::text AS correlation_id, m.body`.withoutTransform.pipe(
+      Effect.map((rows) => [...rows].sort(byId))
+    )
+
+  /**
+   * Claim the given rows of a node under a fresh claim token (those still unclaimed: a row
+   * already claimed or acknowledged is left out), by primary key.
+   */
+  const claimIds = (nodeId: string, token: string, ids: ReadonlyArray<string>) =>
+    sql<InboundRow>`
+      UPDATE actor_mailbox m SET claim = ${token}::uuid
+      WHERE m.id = ANY(${ids}::bigint[]) AND m.node_id = ${nodeId} AND m.claim IS NULL
       RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
                 m.correlation_id::text AS correlation_id, m.body`.withoutTransform.pipe(
       Effect.map((rows) => [...rows].sort(byId))
@@ -141,13 +170,68 @@ export const make = Effect.gen(function* () {
   const trimLog = (olderThanSeconds: number) =>
     sql`DELETE FROM actor_message_log WHERE handled_at < now() - make_interval(secs => ${olderThanSeconds})`
 
-  return { insert, registered, claim, release, unclaim, ack, forward, deadLetter, trimLog } as const
+  return { insert, registered, claim, claimIds, release, unclaim, ack, forward, deadLetter, trimLog } as const
 })
 
 /** The storage functions. */
 export type MailboxStorage = Effect.Effect.Success<typeof make>
 
+/**
+ * What a NOTIFY on `node:<id>` says: the rows that were inserted (`Rows`, in commit order, at
+ * most `wakeupMaxRows` and `wakeupMaxBytes`), their ids (`Ids`), or only that something is
+ * pending (`Scan`: also the answer for anything that does not decode).
+ */
+export type Wakeup =
+  | { readonly _tag: "Rows"; readonly rows: ReadonlyArray<InboundRow> }
+  | { readonly _tag: "Ids"; readonly ids: ReadonlyArray<string> }
+  | { readonly _tag: "Scan" }
+
+/** Decode the payload of a NOTIFY on a node's channel. */
+export const decodeWakeup = (payload: string): Wakeup => {
+  if (payload === "m" || payload.length === 0) return scan
+  const decoded = decodePayload(payload)
+  if (Either.isLeft(decoded)) return scan
+  const p = decoded.right
+  if ("ids" in p) return { _tag: "Ids", ids: p.ids }
+  return {
+    _tag: "Rows",
+    rows: p.rows.map(([id, message_id, actor_id, kind, sender, reply_to, correlation_id, body]) => ({
+      id,
+      message_id,
+      actor_id,
+      kind,
+      sender,
+      reply_to,
+      correlation_id,
+      body
+    }))
+  }
+}
+
 // --- internal ---
+
+/** Rows carried in a wake-up NOTIFY at most (more: ids only). */
+const wakeupMaxRows = 32
+/** Bytes of a wake-up payload at most (Postgres refuses 8,000 and more). */
+const wakeupMaxBytes = 7_000
+
+const scan: Wakeup = { _tag: "Scan" }
+
+const NotifiedRow = Schema.Tuple(
+  Schema.String,
+  Schema.String,
+  Schema.NullOr(Schema.String),
+  Schema.Literal("tell", "ask", "reply"),
+  Schema.String,
+  Schema.NullOr(Schema.String),
+  Schema.NullOr(Schema.String),
+  Schema.Unknown
+)
+const WakeupPayload = Schema.Union(
+  Schema.Struct({ v: Schema.Literal(1), rows: Schema.Array(NotifiedRow) }),
+  Schema.Struct({ v: Schema.Literal(1), ids: Schema.Array(Schema.String) })
+)
+const decodePayload = Schema.decodeUnknownEither(Schema.parseJson(WakeupPayload))
 
 /** Order bigint ids given as decimal strings. */
 const byId = (a: { id: string }, b: { id: string }) =>

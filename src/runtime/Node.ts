@@ -361,6 +361,9 @@ export const make = (
     let inflight = 0
     let stopping = false
 
+    // Rows in an actor's queue or in its handler: a row can reach dispatch twice (in a wake-up
+    // and again in a scan before it is acknowledged), the second time it is skipped.
+    const queuedRows = new Set<string>()
     const handledIds = new Set<string>()
     const markHandled = (messageId: string) => {
       handledIds.add(messageId)
@@ -607,6 +610,7 @@ export const make = (
           }
           a.current = env
           yield* processOne(a, env)
+          queuedRows.delete(env.rowId)
           a.current = undefined
           a.lastActive = Date.now()
           inflight--
@@ -645,6 +649,7 @@ export const make = (
           return yield* run(reject(env, new MailboxFull({ actorId: a.id, capacity: a.def.capacity })))
         }
         a.queue.push(env)
+        queuedRows.add(env.rowId)
         inflight++
         if (!a.running) {
           a.running = true
@@ -658,7 +663,7 @@ export const make = (
       Effect.gen(function* () {
         const unknown = new Set<string>()
         for (const row of rows) {
-          if (row.kind === "reply") continue
+          if (row.kind === "reply" || queuedRows.has(row.id)) continue
           if (!actors.has(row.actor_id!)) unknown.add(row.actor_id!)
         }
         const placements =
@@ -667,6 +672,7 @@ export const make = (
             : yield* registry.lookupMany([...unknown]).pipe(Effect.retry(retryDb), Effect.orDie)
         const forwards = new Map<string, Array<string>>()
         for (const row of rows) {
+          if (queuedRows.has(row.id)) continue
           if (row.kind === "reply") {
             const decoded = Schema.decodeUnknownEither(ReplyBody)(row.body)
             const waiting = row.correlation_id ? pendingAsks.get(row.correlation_id) : undefined
@@ -718,13 +724,35 @@ export const make = (
         }
       })
 
-    const wakeQueue = yield* Queue.sliding<void>(1)
-    const wake = () => void wakeQueue.unsafeOffer(undefined)
+    // The claim loop works through what the listener heard, in the order it arrived (commit
+    // order). A wake-up that carries its rows is dispatched at once, with no claim round trip,
+    // when the node is caught up: every row made pending for it before that wake-up has been
+    // dispatched already, so the rows cannot overtake an older message of the same sender.
+    // Caught up is set by a complete scan of the node's pending rows and lost by anything that
+    // may hide a row: a bare `m`, a reconnect of the listener (NOTIFYs are lost while it is
+    // down), a failed claim, a full inflight budget, a row for an actor not in memory (it may
+    // have been moved here with older rows). Rows dispatched this way are not claimed; their
+    // acknowledgement deletes them, and a scan before that skips them (`queuedRows`).
+    let heard: Array<MailboxStorage.Wakeup> = []
+    let scanDue = true
+    let caughtUp = false
+    let lastScan = 0
+    const loopWake = yield* Queue.sliding<void>(1)
+    /** Scan for pending rows (not only what NOTIFYs announce). */
+    const wake = () => {
+      scanDue = true
+      loopWake.unsafeOffer(undefined)
+    }
+    const onWakeup = (payload: string) => {
+      heard.push(MailboxStorage.decodeWakeup(payload))
+      loopWake.unsafeOffer(undefined)
+    }
     let releaseTokens: Array<string> = []
     let claimFailures = 0
 
-    const claimRound: Effect.Effect<boolean> = Effect.gen(function* () {
-      if (stopping || inflight >= maxInflight) return false
+    type Round = "more" | "complete" | "incomplete"
+    const claimRound: Effect.Effect<Round> = Effect.gen(function* () {
+      if (stopping || inflight >= maxInflight) return "incomplete" as Round
       if (releaseTokens.length > 0) {
         yield* storage.release(nodeId, releaseTokens)
         releaseTokens = []
@@ -736,7 +764,7 @@ export const make = (
         .pipe(Effect.tapError(() => Effect.sync(() => releaseTokens.push(token))))
       counters.claims++
       if (rows.length > 0) yield* dispatch(rows)
-      return rows.length === limit
+      return (rows.length === limit ? "more" : "complete") as Round
     }).pipe(
       Effect.tap(() =>
         claimFailures > 0
@@ -753,15 +781,61 @@ export const make = (
           }
           yield* Effect.sleep(Duration.millis(Math.min(2000, 25 * 2 ** Math.min(claimFailures, 7))))
           wake()
-          return false
+          return "incomplete" as Round
         })
       )
     )
 
-    const pollInterval = Duration.decode(options.pollInterval ?? "5 seconds")
-    const claimLoop = Queue.take(wakeQueue).pipe(
-      Effect.timeoutOption(pollInterval),
-      Effect.zipRight(Effect.repeat(claimRound, { while: (more) => more })),
+    /** Claim the rows a wake-up named by id (they did not fit in its payload); on failure, scan. */
+    const claimAnnounced = (ids: ReadonlyArray<string>) =>
+      Effect.gen(function* () {
+        if (releaseTokens.length > 0) {
+          yield* storage.release(nodeId, releaseTokens)
+          releaseTokens = []
+        }
+        const token = Crypto.randomUUID()
+        const rows = yield* storage
+          .claimIds(nodeId, token, ids)
+          .pipe(Effect.tapError(() => Effect.sync(() => releaseTokens.push(token))))
+        counters.claims++
+        if (rows.length > 0) yield* dispatch(rows)
+      }).pipe(Effect.catchAll(() => Effect.sync(wake)))
+
+    const pollMillis = Duration.toMillis(Duration.decode(options.pollInterval ?? "5 seconds"))
+    const step = Effect.gen(function* () {
+      // A scan at least every poll interval, even under a steady stream of wake-ups: rows
+      // made pending without a NOTIFY (a failed claim given back, a row moved here) are found.
+      if (Date.now() - lastScan >= pollMillis) scanDue = true
+      const events = heard
+      heard = []
+      for (const event of events) {
+        if (scanDue || !caughtUp || stopping || inflight >= maxInflight || event._tag === "Scan") {
+          scanDue = true // the scan below covers this wake-up: its rows are committed
+          continue
+        }
+        if (event._tag === "Ids") {
+          yield* claimAnnounced(event.ids)
+          continue
+        }
+        if (event.rows.some((r) => r.kind !== "reply" && !actors.has(r.actor_id!))) {
+          scanDue = true
+          continue
+        }
+        yield* dispatch(event.rows)
+      }
+      if (scanDue) {
+        scanDue = false
+        caughtUp = false
+        lastScan = Date.now()
+        let round: Round = "more"
+        while (round === "more") round = yield* claimRound
+        caughtUp = round === "complete"
+      }
+    })
+
+    const claimLoop = Queue.take(loopWake).pipe(
+      Effect.timeoutOption(Duration.millis(pollMillis)),
+      Effect.zipRight(step),
       Effect.forever
     )
 
@@ -771,7 +845,7 @@ export const make = (
       url: urls.directUrl,
       applicationName: `troupe-listener:${nodeId}`
     })
-    yield* notifier.listen(nodeChannel(nodeId), wake)
+    yield* notifier.listen(nodeChannel(nodeId), onWakeup)
     yield* notifier.listen(registryChannel, (id) => registry.invalidate(id))
     yield* notifier.onConnect(() => {
       registry.invalidateAll()

@@ -46,9 +46,17 @@ export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Sco
     const minMs = Duration.toMillis(options.minBackoff ?? "50 millis")
     const maxMs = Duration.toMillis(options.maxBackoff ?? "5 seconds")
 
-    const dispatch = (msg: pg.Notification) => {
+    const deliver = (msg: pg.Notification) => {
       const subs = channels.get(msg.channel)
       if (subs) for (const f of subs) f(msg.payload ?? "")
+    }
+    // A notification that arrives on a new connection before its `onConnect` hooks have run
+    // is held back until they have: a consumer sees "reconnected" before anything sent after
+    // the gap (a receiver that takes notifications as a complete, ordered record relies on it).
+    let held: Array<pg.Notification> | undefined
+    const dispatch = (msg: pg.Notification) => {
+      if (held) held.push(msg)
+      else deliver(msg)
     }
 
     const listenSql = (c: pg.Client, channel: string) => c.query(`LISTEN ${c.escapeIdentifier(channel)}`)
@@ -56,6 +64,7 @@ export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Sco
     // One connection's life: connect, LISTEN, run hooks, wait for it to break.
     const session = Effect.gen(function* () {
       const lost = yield* Deferred.make<void>()
+      held = []
       const c = new pg.Client({
         connectionString: Redacted.value(options.url),
         application_name: options.applicationName,
@@ -85,6 +94,9 @@ export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Sco
       connected = true
       connections++
       for (const hook of hooks) hook()
+      const early = held
+      held = undefined
+      for (const msg of early) deliver(msg)
       yield* Deferred.succeed(ready, undefined)
       yield* Deferred.await(lost)
     }).pipe(Effect.scoped)
