@@ -84,12 +84,29 @@ export const make = Effect.gen(function* () {
    * `preferred` job is open to all at once when its target is not up, else after `preferredWaitMs`.
    */
   const insert = (job: SubmitJob, preferredWaitMs: number) =>
-    job.worker_affinity === "strict"
+    job.target_worker_id === null
+      ? insertAny(job)
+      : job.worker_affinity === "strict"
       ? // Two strict submits to one target must not both see its last free slot.
         sql.withTransaction(
           Effect.zipRight(sql`SELECT pg_advisory_xact_lock(hashtext(${`troupe:strict:${job.target_worker_id}`}::text))`, insertOne(job, preferredWaitMs))
         )
       : insertOne(job, preferredWaitMs)
+
+  /** A job without a target: the insert and a NOTIFY to every worker, nothing else to decide. */
+  const insertAny = (job: SubmitJob) =>
+    sql<JobRow & { woke: string }>`
+      WITH ins AS (
+        INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, worker_affinity, callback_url, priority,
+          max_attempts, timeout_seconds)
+        VALUES (${job.valet_task_id}::text, ${job.job_type}::text, ${JSON.stringify(job.payload ?? {})}::jsonb,
+          ${job.worker_affinity}::text, ${job.callback_url}::text, ${job.priority}::int, ${job.max_attempts}::int,
+          ${job.timeout_seconds}::int)
+        RETURNING *
+      )
+      SELECT ${jobColumns("ins")}, pg_notify('jobs:any', ins.id::text) IS NULL AS woke FROM ins`.withoutTransform.pipe(
+      Effect.map((rows) => rows[0])
+    )
 
   const insertOne = (job: SubmitJob, preferredWaitMs: number) =>
     sql<JobRow & { woke: string }>`
@@ -181,36 +198,47 @@ export const make = Effect.gen(function* () {
         WHERE actor_id IN (SELECT 'job:' || id FROM claimed WHERE attempts > 1) AND node_id <> ${worker.nodeId}
         RETURNING 1
       ),
-      w AS (
-        UPDATE gh_worker_registry SET current_job_id = (SELECT id FROM claimed LIMIT 1), last_heartbeat = now()
-        WHERE worker_id = ${worker.workerId} AND EXISTS (SELECT 1 FROM claimed)
-        RETURNING 1
-      ),
-      -- Events and callbacks set-based (measured: a function call per row cost ~40 µs a job).
-      ev AS (
-        INSERT INTO gh_job_events (job_id, event_type, message, actor, metadata)
-        SELECT c.id, 'job_started', 'Job assigned to ' || ${worker.workerId}::text, ${worker.workerId}::text,
-          jsonb_build_object('worker_id', ${worker.workerId}::text, 'node_id', ${worker.nodeId}::text,
-                             'attempt', c.attempts, 'elapsed_ms', 0)
-        FROM claimed c
-        RETURNING id, job_id
-      ),
-      cb AS (
-        INSERT INTO callback_outbox (job_id, url, status, payload, idempotency_key)
-        SELECT c.id, (c.job).callback_url, 'running', troupe_callback_payload(c.job), c.id::text || ':' || ev.id::text
-        FROM claimed c JOIN ev ON ev.job_id = c.id WHERE (c.job).callback_url IS NOT NULL
-        RETURNING 1
-      ),
-      woke AS (
-        SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x
-        UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
-        UNION ALL SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1
-      )
+      woke AS (SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1)
       SELECT (c.job).id::text AS id, (c.job).job_type, (c.job).payload, (c.job).attempts, (c.job).timeout_seconds,
         (c.job).worker_affinity, (c.job).target_worker_id, (c.job).valet_task_id, (c.job).cost
       FROM claimed c
       WHERE (SELECT count(*) FROM placed) >= 0 AND (SELECT count(*) FROM moved) >= 0
         AND (SELECT count(*) FROM woke) >= 0`.withoutTransform
+
+  /**
+   * What follows a claim, off the path to the handler's start: `job_started` events and
+   * their callbacks, and the worker's `current_job_id`. The worker holds back the attempt's
+   * own writes until this is done, so events stay in order.
+   */
+  const started = (worker: WorkerRegistration, claimed: ReadonlyArray<{ readonly id: string; readonly attempts: number }>) =>
+    sql`
+      WITH c AS (
+        SELECT j AS job, j.id, j.attempts FROM gh_automation_jobs j
+        JOIN unnest(${claimed.map((c) => c.id)}::uuid[], ${claimed.map((c) => c.attempts)}::int[]) AS u(id, attempts)
+          ON j.id = u.id AND j.attempts = u.attempts
+      ),
+      w AS (
+        UPDATE gh_worker_registry SET current_job_id = (SELECT id FROM c LIMIT 1), last_heartbeat = now()
+        WHERE worker_id = ${worker.workerId}::text AND EXISTS (SELECT 1 FROM c)
+        RETURNING 1
+      ),
+      ev AS (
+        INSERT INTO gh_job_events (job_id, event_type, message, actor, metadata)
+        SELECT c.id, 'job_started', 'Job assigned to ' || ${worker.workerId}::text, ${worker.workerId}::text,
+          jsonb_build_object('worker_id', ${worker.workerId}::text, 'node_id', ${worker.nodeId}::text,
+                             'attempt', c.attempts, 'elapsed_ms', 0)
+        FROM c
+        RETURNING id, job_id
+      ),
+      cb AS (
+        INSERT INTO callback_outbox (job_id, url, status, payload, idempotency_key)
+        SELECT c.id, (c.job).callback_url, 'running', troupe_callback_payload(c.job), c.id::text || ':' || ev.id::text
+        FROM c JOIN ev ON ev.job_id = c.id WHERE (c.job).callback_url IS NOT NULL
+        RETURNING 1
+      )
+      SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x
+      UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
+      UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`.pipe(Effect.asVoid)
 
   /**
    * End the attempt `epoch` of a job: its final status, event and callback, the worker's
@@ -669,6 +697,7 @@ export const make = Effect.gen(function* () {
     insert,
     targetState,
     claim,
+    started,
     finish,
     finishMany,
     insertMany,

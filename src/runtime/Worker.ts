@@ -119,6 +119,8 @@ export const make = (
       readonly startedAt: number
       readonly lock: Effect.Semaphore
       readonly outcome: Deferred.Deferred<JobActor.JobState>
+      /** Resolved once `job_started` is written: the attempt's own writes wait for it, so events stay in order. */
+      readonly ready: Deferred.Deferred<void>
       fiber: Fiber.RuntimeFiber<void> | undefined
       timer: Fiber.RuntimeFiber<void> | undefined
       status: "running" | "needs_human" | "deciding"
@@ -197,6 +199,7 @@ export const make = (
 
     const report = (run: Run, eventType: string, message: string, extra?: Record<string, unknown>) =>
       Effect.gen(function* () {
+        yield* Deferred.await(run.ready)
         const cost = run.costDirty ? run.cost : undefined
         run.costDirty = false
         const live = yield* storage
@@ -268,6 +271,7 @@ export const make = (
     const needsHuman = (run: Run, interaction: Interaction) =>
       Effect.gen(function* () {
         const resume = yield* Deferred.make<Resolution>()
+        yield* Deferred.await(run.ready)
         const paused = yield* run.lock.withPermits(1)(
           Effect.gen(function* () {
             const ok = yield* storage
@@ -321,6 +325,7 @@ export const make = (
           return stateOf(run.id, done?.status ?? "unknown")
         }
         const outcome = outcomeOf(run, exit)
+        yield* Deferred.await(run.ready)
         const written = yield* finish(run.id, run.epoch, outcome)
         if (!written) {
           // Someone else ended this attempt first (the reaper, or a cancel of an orphan).
@@ -372,7 +377,7 @@ export const make = (
       }
     }
 
-    const start = (row: JobStorage.Claimed) =>
+    const start = (row: JobStorage.Claimed, ready: Deferred.Deferred<void>) =>
       Effect.gen(function* () {
         const run: Run = {
           id: row.id,
@@ -381,6 +386,7 @@ export const make = (
           startedAt: Date.now(),
           lock: yield* Effect.makeSemaphore(1),
           outcome: yield* Deferred.make<JobActor.JobState>(),
+          ready,
           fiber: undefined,
           timer: undefined,
           status: "running",
@@ -431,7 +437,17 @@ export const make = (
       while (state === "active" && !stopping && runs.size < maxConcurrent) {
         const want = maxConcurrent - runs.size
         const rows = yield* storage.claim(registration, want)
-        for (const row of rows) yield* start(row)
+        if (rows.length > 0) {
+          // Handlers start now; their `job_started` events and callbacks are written meanwhile.
+          const ready = yield* Deferred.make<void>()
+          for (const row of rows) yield* start(row, ready)
+          yield* storage.started(registration, rows).pipe(
+            Effect.retry(retryWrites),
+            Effect.catchAll((e) => Effect.logWarning(`worker ${workerId}: job_started of ${rows.length} job(s) not written`, e)),
+            Effect.ensuring(Deferred.succeed(ready, undefined)),
+            FiberSet.run(writers)
+          )
+        }
         if (rows.length < want) break
       }
       claimFailures = 0
