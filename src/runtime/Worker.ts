@@ -617,6 +617,9 @@ export const make = (
     yield* Queue.take(wakeQueue).pipe(
       Effect.timeoutOption(pollInterval),
       Effect.zipRight(claimAll),
+      Effect.catchAllCause((cause) =>
+        Cause.isInterruptedOnly(cause) ? Effect.failCause(cause) : Effect.logError(`worker ${workerId}: claim loop`, cause)
+      ),
       Effect.forever,
       Effect.interruptible,
       FiberSet.run(fibers)

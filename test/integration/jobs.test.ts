@@ -6,7 +6,7 @@ import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
 import * as CallbackDispatcher from "../../src/runtime/CallbackDispatcher.ts"
 import * as Db from "../fixtures/Db.ts"
-import { command, eventually, slot, startGateway, startWorker } from "../fixtures/Jobs.ts"
+import { command, eventually, slot, startedOf, startGateway, startWorker } from "../fixtures/Jobs.ts"
 
 const key = () => Crypto.randomUUID()
 
@@ -69,14 +69,19 @@ describe("jobs and workers", () => {
         const job = yield* jobs.submit({ valet_task_id: "task-1", job_type: "ctl", payload: { key: k } })
         expect(job.status).toBe("queued")
         expect(job.worker_affinity).toBe("any")
-        const started = yield* Deferred.await(slot(k).started)
+        const started = yield* startedOf(k)
         expect(started.workerId).toBe("w-n1")
         // The client app's query, unchanged, while the worker runs the job.
         const ip = yield* sql<{ ec2_ip: string }>`SELECT ec2_ip FROM gh_worker_registry WHERE worker_id = ${"w-n1"}
           AND status IN ('active','draining') AND ec2_ip IS NOT NULL ORDER BY last_heartbeat DESC LIMIT 1`
         expect(ip[0]?.ec2_ip).toBe("10.0.0.7")
-        const running = yield* sql<{ current_job_id: string }>`SELECT current_job_id::text FROM gh_worker_registry WHERE worker_id = 'w-n1'`
-        expect(running[0]?.current_job_id).toBe(job.id)
+        // Written just after the claim, off the path to the handler's start.
+        yield* eventually(
+          Effect.map(
+            sql<{ current_job_id: string }>`SELECT current_job_id::text FROM gh_worker_registry WHERE worker_id = 'w-n1'`,
+            (rows) => (rows[0]?.current_job_id === job.id ? true : undefined)
+          )
+        )
         yield* command(k, { _tag: "complete", result: { answer: 42 } })
         yield* statusIs(job.id, "completed")
         const done = yield* jobs.get(job.id)
@@ -112,7 +117,7 @@ describe("jobs and workers", () => {
         // By sandbox id, as the client app sends it.
         const keys = [key(), key(), key()]
         const first = yield* jobs.submit({ job_type: "ctl", payload: { key: keys[0] }, worker_affinity: "strict", target_worker_id: "sandbox-a" })
-        expect((yield* Deferred.await(slot(keys[0]!).started)).workerId).toBe("w-n2a")
+        expect((yield* startedOf(keys[0]!)).workerId).toBe("w-n2a")
         const full = yield* Effect.flip(
           jobs.submit({ job_type: "ctl", payload: { key: keys[1] }, worker_affinity: "strict", target_worker_id: "w-n2a" })
         )
@@ -129,7 +134,7 @@ describe("jobs and workers", () => {
               Effect.map((o) => (o._tag === "Some" ? o.value : undefined))
             )
           )
-          expect((yield* Deferred.await(slot(k).started)).workerId).toBe("w-n2a")
+          expect((yield* startedOf(k)).workerId).toBe("w-n2a")
           yield* command(k, { _tag: "complete" })
           const done = yield* statusIs(j.id, "completed")
           expect(done.worker_id).toBe("w-n2a")
@@ -154,12 +159,13 @@ describe("jobs and workers", () => {
         yield* startWorker("n3o")
         const k1 = key()
         yield* jobs.submit({ job_type: "ctl", payload: { key: k1 }, worker_affinity: "preferred", target_worker_id: "w-n3t" })
-        expect((yield* Deferred.await(slot(k1).started)).workerId).toBe("w-n3t")
+        expect((yield* startedOf(k1)).workerId).toBe("w-n3t")
         // The target is busy now: the next preferred job goes elsewhere after the wait.
         const k2 = key()
         const j2 = yield* jobs.submit({ job_type: "ctl", payload: { key: k2 }, worker_affinity: "preferred", target_worker_id: "w-n3t" })
-        expect((yield* Deferred.await(slot(k2).started)).workerId).toBe("w-n3o")
-        const events = yield* eventsOf(j2.id)
+        expect((yield* startedOf(k2)).workerId).toBe("w-n3o")
+        const events = yield* eventually(Effect.map(eventsOf(j2.id), (e) => (e.length > 0 ? e : undefined)))
+        expect(events[0]?.event_type).toBe("job_started")
         expect(events[0]?.metadata.worker_id).toBe("w-n3o")
         yield* command(k1, { _tag: "complete" })
         yield* command(k2, { _tag: "complete" })
@@ -167,7 +173,7 @@ describe("jobs and workers", () => {
         yield* target.worker.drain("scale-down")
         const k3 = key()
         yield* jobs.submit({ job_type: "ctl", payload: { key: k3 }, worker_affinity: "preferred", target_worker_id: "w-n3t" })
-        expect((yield* Deferred.await(slot(k3).started)).workerId).toBe("w-n3o")
+        expect((yield* startedOf(k3)).workerId).toBe("w-n3o")
         yield* command(k3, { _tag: "complete" })
       })
     )
@@ -178,7 +184,7 @@ describe("jobs and workers", () => {
         yield* startWorker("n4")
         const k = key()
         const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k }, callback_url: "http://127.0.0.1:9/cb" })
-        yield* Deferred.await(slot(k).started)
+        yield* startedOf(k)
         const state = yield* jobs.cancel(job.id, "user pressed stop")
         expect(state).toMatchObject({ job_id: job.id, status: "cancelled", worker_id: "w-n4", node_id: "n4" })
         expect(yield* Deferred.isDone(slot(k).interrupted)).toBe(true)
@@ -223,7 +229,7 @@ describe("jobs and workers", () => {
         yield* startWorker("n6")
         const k = key()
         const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
-        yield* Deferred.await(slot(k).started)
+        yield* startedOf(k)
         const early = yield* Effect.flip(jobs.resume(job.id, { resolved_by: "human" }))
         expect(early._tag).toBe("Conflict")
         yield* command(k, { _tag: "needs_human", timeoutSeconds: 60 })
@@ -249,7 +255,7 @@ describe("jobs and workers", () => {
         yield* startWorker("n7")
         const k = key()
         const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
-        yield* Deferred.await(slot(k).started)
+        yield* startedOf(k)
         yield* command(k, { _tag: "needs_human", timeoutSeconds: 1 })
         const row = yield* statusIs(job.id, "failed")
         expect(row.error_code).toBe("HITL_TIMEOUT")
@@ -266,8 +272,8 @@ describe("jobs and workers", () => {
         const kStrict = key()
         const anyJob = yield* jobs.submit({ job_type: "ctl", payload: { key: kAny }, target_worker_id: "w-n8d", worker_affinity: "preferred" })
         const strictJob = yield* jobs.submit({ job_type: "ctl", payload: { key: kStrict }, target_worker_id: "w-n8d", worker_affinity: "strict" })
-        yield* Deferred.await(slot(kAny).started)
-        yield* Deferred.await(slot(kStrict).started)
+        yield* startedOf(kAny)
+        yield* startedOf(kStrict)
         yield* doomed.stop
         yield* startWorker("n8s")
         const failed = yield* statusIs(strictJob.id, "failed")
@@ -304,7 +310,7 @@ describe("jobs and workers", () => {
         yield* startWorker("n10", { targetWorkerId: "sandbox-10" })
         const k = key()
         const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
-        yield* Deferred.await(slot(k).started)
+        yield* startedOf(k)
         const queuedStrict = yield* Effect.flip(
           jobs.submit({ job_type: "noop", worker_affinity: "strict", target_worker_id: "sandbox-10" })
         )
@@ -392,7 +398,7 @@ describe("jobs and workers", () => {
         yield* startWorker("n13")
         const k = key()
         const job = yield* jobs.submit({ valet_task_id: "task-13", job_type: "ctl", payload: { key: k }, callback_url: server.url })
-        yield* Deferred.await(slot(k).started)
+        yield* startedOf(k)
         yield* command(k, { _tag: "needs_human", timeoutSeconds: 60 })
         yield* statusIs(job.id, "needs_human")
         yield* jobs.resume(job.id, { resolved_by: "human" })
