@@ -27,7 +27,7 @@ const median = (xs: ReadonlyArray<number>) => [...xs].sort((a, b) => a - b)[Math
 /** Settings of troupe's runs (recorded in the JSON). */
 export const troupeSettings = {
   pickup: { workers: 1, max_concurrent: 1, enqueue: "jobs.submit (insert + NOTIFY to jobs:any, one statement)" },
-  throughput: { workers: 1, max_concurrent: 256, enqueue: "jobs.submitMany (one INSERT … SELECT unnest per batch)" },
+  throughput: { workers: Number(process.env.BENCH_TP_WORKERS ?? 2), max_concurrent: Number(process.env.BENCH_TP_CONCURRENCY ?? 256), enqueue: "jobs.submitMany (one INSERT … SELECT unnest per batch)" },
   cancel: { workers: 1, max_concurrent: 1, samples_full: 300, samples_quick: 60 },
   failover: { processes: 2, reaper_interval_ms: 250, requeue_backoff_ms: 250, runs_full: 5, runs_quick: 2 },
   pool: { max_connections_per_node: 16 },
@@ -92,7 +92,10 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
 
     // --- Throughput ---
     ctx.log("  throughput")
-    const tw = yield* workerNode("bench-tp", troupeSettings.throughput.max_concurrent)
+    const tws = []
+    for (let i = 0; i < troupeSettings.throughput.workers; i++) {
+      tws.push(yield* workerNode(`bench-tp${i}`, troupeSettings.throughput.max_concurrent))
+    }
     const throughput = yield* Effect.promise(() =>
       Peers.throughputRun(
         ctx,
@@ -104,7 +107,9 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
         Peers.countQuery(db.url, "SELECT count(*)::int AS n FROM gh_automation_jobs WHERE status IN ('queued', 'running')")
       )
     )
-    yield* tw.close
+    const claimStats = tws.map((tw) => ({ claims: tw.worker.stats().claims, claimed: tw.worker.stats().claimed }))
+    ctx.log(`  claims: ${JSON.stringify(claimStats)}`)
+    for (const tw of tws) yield* tw.close
 
     // --- Cancel ---
     ctx.log("  cancel")
@@ -137,7 +142,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     for (let i = 0; i < failoverRuns; i++) failovers.push(yield* Effect.promise(() => failoverOnce(db.url, i)))
     ctx.log(`  failover ${failovers.map((f) => `${Math.round(f)} ms`).join(", ")}`)
 
-    return { pickup, throughput, cancel: { ...cancel, cpu: cancelCpu }, failovers }
+    return { pickup, throughput: { ...throughput, claims: claimStats }, cancel: { ...cancel, cpu: cancelCpu }, failovers }
   })
   const inProcess = await Effect.runPromise(Effect.scoped(program).pipe(Effect.provide(layer)))
   const failovers = inProcess.failovers

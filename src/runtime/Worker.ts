@@ -61,6 +61,8 @@ export interface Options {
 /** Counters of a worker. */
 export interface Stats {
   readonly running: number
+  /** Claim statements sent (each claims up to the free slots). */
+  readonly claims: number
   readonly claimed: number
   readonly completed: number
   readonly failed: number
@@ -101,7 +103,7 @@ export const make = (
       Schedule.union(Schedule.spaced("2 seconds")),
       Schedule.upTo(Duration.decode(options.retryWritesFor ?? "60 seconds"))
     )
-    const counters = { claimed: 0, completed: 0, failed: 0, cancelled: 0, abandoned: 0 }
+    const counters = { claims: 0, claimed: 0, completed: 0, failed: 0, cancelled: 0, abandoned: 0 }
     let state: "active" | "draining" | "offline" = "active"
     let stopping = false
 
@@ -132,6 +134,10 @@ export const make = (
     }
 
     const runs = new Map<string, Run>()
+    // Handlers running now: a slot frees when the handler returns, before its end is recorded,
+    // so claiming overlaps with recording (measured: claim → run → record in series capped
+    // no-op throughput at ~3.8k jobs/s).
+    let busy = 0
     // Made before `fibers`, so it stops after them: a job concluding during a stop still gets its answer.
     const writers = yield* FiberSet.make<void, never>()
     const fibers = yield* FiberSet.make<void, never>()
@@ -397,6 +403,7 @@ export const make = (
           progress: undefined
         }
         runs.set(run.id, run)
+        busy++
         yield* idle.close
         counters.claimed++
         const handler: JobHandler.Handler =
@@ -412,6 +419,8 @@ export const make = (
             const exit = yield* Effect.exit(
               restore(Effect.provideService(handler, JobHandler.JobContext, contextOf(run)))
             )
+            busy--
+            wake()
             yield* disarm(run)
             const final = yield* conclude(run, exit)
             yield* Deferred.succeed(run.outcome, final)
@@ -434,9 +443,10 @@ export const make = (
 
     let claimFailures = 0
     const claimAll = Effect.gen(function* () {
-      while (state === "active" && !stopping && runs.size < maxConcurrent) {
-        const want = maxConcurrent - runs.size
+      while (state === "active" && !stopping && busy < maxConcurrent) {
+        const want = maxConcurrent - busy
         const rows = yield* storage.claim(registration, want)
+        counters.claims++
         if (rows.length > 0) {
           // Handlers start now; their `job_started` events and callbacks are written meanwhile.
           const ready = yield* Deferred.make<void>()
