@@ -10,8 +10,9 @@
  * claim round trip (see `Wakeup`): the rows themselves when they fit in a small payload, else
  * their ids, else just `m` ("something is pending"). The rows stay in the table either way.
  */
-import { SqlClient } from "@effect/sql"
+import { SqlClient, type Statement } from "@effect/sql"
 import { Effect, Either, Schema } from "effect"
+import type { PreparedPool } from "./Database.ts"
 import { nodeChannel } from "../protocol/Ids.ts"
 
 /** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
@@ -50,128 +51,137 @@ export interface DeadLetter {
   readonly reason: string
 }
 
-/** Create the storage functions over the current `SqlClient`. */
-export const make = Effect.gen(function* () {
-  const sql = yield* SqlClient.SqlClient
+/**
+ * Create the storage functions over the current `SqlClient`; with `prepared`, the statements
+ * of the routing path (insert, claims, acknowledgements) run as named statements on that pool.
+ */
+export const makeWith = (options: { readonly prepared?: PreparedPool | undefined }) =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    const prepared = options.prepared
+    const hot = <A extends object>(name: string, statement: Statement.Statement<A>) =>
+      prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
 
-  /**
-   * Insert a batch in order and NOTIFY each target node once, in one statement (one
-   * transaction). Returns the message ids that were inserted, with their node.
-   */
-  const insert = (rows: ReadonlyArray<OutboundRow>) =>
-    sql<{ message_id: string; node_id: string }>`
-      WITH input AS (
+    /**
+     * Insert a batch in order and NOTIFY each target node once, in one statement (one
+     * transaction). Returns the message ids that were inserted, with their node.
+     */
+    const insert = (rows: ReadonlyArray<OutboundRow>) =>
+      hot("troupe_mailbox_insert", sql<{ message_id: string; node_id: string }>`
+        WITH input AS (
+          SELECT * FROM unnest(
+            ${rows.map((r) => r.messageId)}::uuid[], ${rows.map((r) => r.actorId)}::text[],
+            ${rows.map((r) => r.kind)}::text[], ${rows.map((r) => r.sender)}::text[],
+            ${rows.map((r) => r.replyTo)}::text[], ${rows.map((r) => r.correlationId)}::uuid[],
+            ${rows.map((r) => r.body)}::text[], ${rows.map((r) => r.nodeId)}::text[]
+          ) WITH ORDINALITY AS u(message_id, actor_id, kind, sender, reply_to, correlation_id, body, node_id, ord)
+        ),
+        ins AS (
+          INSERT INTO actor_mailbox (message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body)
+          SELECT i.message_id, COALESCE(i.node_id, r.node_id), i.actor_id, i.kind, i.sender, i.reply_to,
+                 i.correlation_id, i.body::jsonb
+          FROM input i LEFT JOIN actor_registry r ON i.node_id IS NULL AND r.actor_id = i.actor_id
+          WHERE COALESCE(i.node_id, r.node_id) IS NOT NULL
+          ORDER BY i.ord
+          ON CONFLICT (message_id) DO NOTHING
+          RETURNING id, message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body
+        ),
+        per_node AS (
+          SELECT node_id, count(*) AS n, json_build_object('v', 1, 'ids', json_agg(id::text ORDER BY id))::text AS ids
+          FROM ins GROUP BY node_id
+        ),
+        woken AS (
+          SELECT count(pg_notify(${nodeChannel("")} || p.node_id, CASE
+            WHEN p.n <= ${wakeupMaxRows} AND octet_length(w.rows) <= ${wakeupMaxBytes} THEN w.rows
+            WHEN octet_length(p.ids) <= ${wakeupMaxBytes} THEN p.ids
+            ELSE 'm' END)) AS n
+          FROM per_node p LEFT JOIN LATERAL (
+            SELECT json_build_object('v', 1, 'rows', json_agg(json_build_array(i.id::text, i.message_id, i.actor_id, i.kind,
+                     i.sender, i.reply_to, i.correlation_id, i.body) ORDER BY i.id))::text AS rows
+            FROM ins i WHERE p.n <= ${wakeupMaxRows} AND i.node_id = p.node_id
+          ) w ON true
+        )
+        SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`)
+
+    /** Which of these actor ids are registered (to tell a retried insert from an unknown actor). */
+    const registered = (actorIds: ReadonlyArray<string>) =>
+      sql<{
+        actor_id: string
+      }>`SELECT actor_id FROM actor_registry WHERE actor_id = ANY(${actorIds}::text[])`.pipe(
+        Effect.map((rows) => new Set(rows.map((r) => r.actor_id)))
+      )
+
+    /** Claim up to `limit` unclaimed rows of a node under a fresh claim token, oldest first. */
+    const claim = (nodeId: string, token: string, limit: number) =>
+      hot("troupe_mailbox_claim", sql<InboundRow>`
+        UPDATE actor_mailbox m SET claim = ${token}::uuid
+        WHERE m.id IN (
+          SELECT id FROM actor_mailbox WHERE node_id = ${nodeId} AND claim IS NULL
+          ORDER BY id LIMIT ${limit} FOR UPDATE SKIP LOCKED
+        )
+        RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
+                  m.correlation_id::text AS correlation_id, m.body`).pipe(Effect.map((rows) => [...rows].sort(byId)))
+
+    /**
+     * Claim the given rows of a node under a fresh claim token (those still unclaimed: a row
+     * already claimed or acknowledged is left out), by primary key.
+     */
+    const claimIds = (nodeId: string, token: string, ids: ReadonlyArray<string>) =>
+      hot("troupe_mailbox_claim_ids", sql<InboundRow>`
+        UPDATE actor_mailbox m SET claim = ${token}::uuid
+        WHERE m.id = ANY(${ids}::bigint[]) AND m.node_id = ${nodeId} AND m.claim IS NULL
+        RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
+                  m.correlation_id::text AS correlation_id, m.body`).pipe(Effect.map((rows) => [...rows].sort(byId)))
+
+    /** Give claims back: those under the given tokens, or (no tokens) every claim of the node. */
+    const release = (nodeId: string, tokens?: ReadonlyArray<string>) =>
+      tokens === undefined
+        ? sql`UPDATE actor_mailbox SET claim = NULL WHERE node_id = ${nodeId} AND claim IS NOT NULL`
+        : sql`UPDATE actor_mailbox SET claim = NULL WHERE node_id = ${nodeId} AND claim = ANY(${tokens}::uuid[])`
+
+    /** Give back specific claimed rows (graceful shutdown: queued but not handled). */
+    const unclaim = (ids: ReadonlyArray<string>) =>
+      sql`UPDATE actor_mailbox SET claim = NULL WHERE id = ANY(${ids}::bigint[])`
+
+    /** Acknowledge handled rows: delete them, keeping a copy in the message log when `log` is on. */
+    const ack = (ids: ReadonlyArray<string>, log: boolean) =>
+      log
+        ? hot(
+            "troupe_mailbox_ack_log",
+            sql`
+          WITH d AS (DELETE FROM actor_mailbox WHERE id = ANY(${ids}::bigint[]) RETURNING *)
+          INSERT INTO actor_message_log (id, message_id, node_id, actor_id, kind, sender, body, sent_at)
+          SELECT id, message_id, node_id, actor_id, kind, sender, body, created_at FROM d WHERE kind <> 'reply'
+          ON CONFLICT (id) DO NOTHING`
+          )
+        : hot("troupe_mailbox_ack", sql`DELETE FROM actor_mailbox WHERE id = ANY(${ids}::bigint[])`)
+
+    /** Readdress rows to the node that now hosts their actor, and wake it. */
+    const forward = (ids: ReadonlyArray<string>, nodeId: string) =>
+      sql`
+        WITH f AS (UPDATE actor_mailbox SET node_id = ${nodeId}, claim = NULL WHERE id = ANY(${ids}::bigint[]) RETURNING 1)
+        SELECT pg_notify(${nodeChannel(nodeId)}, 'm'), (SELECT count(*) FROM f)`
+
+    /** Store dead letters. */
+    const deadLetter = (letters: ReadonlyArray<DeadLetter>) =>
+      sql`
+        INSERT INTO actor_dead_letters (message_id, actor_id, node_id, sender, body, error_tag, reason)
         SELECT * FROM unnest(
-          ${rows.map((r) => r.messageId)}::uuid[], ${rows.map((r) => r.actorId)}::text[],
-          ${rows.map((r) => r.kind)}::text[], ${rows.map((r) => r.sender)}::text[],
-          ${rows.map((r) => r.replyTo)}::text[], ${rows.map((r) => r.correlationId)}::uuid[],
-          ${rows.map((r) => r.body)}::text[], ${rows.map((r) => r.nodeId)}::text[]
-        ) WITH ORDINALITY AS u(message_id, actor_id, kind, sender, reply_to, correlation_id, body, node_id, ord)
-      ),
-      ins AS (
-        INSERT INTO actor_mailbox (message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body)
-        SELECT i.message_id, COALESCE(i.node_id, r.node_id), i.actor_id, i.kind, i.sender, i.reply_to,
-               i.correlation_id, i.body::jsonb
-        FROM input i LEFT JOIN actor_registry r ON i.node_id IS NULL AND r.actor_id = i.actor_id
-        WHERE COALESCE(i.node_id, r.node_id) IS NOT NULL
-        ORDER BY i.ord
-        ON CONFLICT (message_id) DO NOTHING
-        RETURNING id, message_id, node_id, actor_id, kind, sender, reply_to, correlation_id, body
-      ),
-      per_node AS (
-        SELECT node_id, count(*) AS n, json_build_object('v', 1, 'ids', json_agg(id::text ORDER BY id))::text AS ids
-        FROM ins GROUP BY node_id
-      ),
-      woken AS (
-        SELECT count(pg_notify(${nodeChannel("")} || p.node_id, CASE
-          WHEN p.n <= ${wakeupMaxRows} AND octet_length(w.rows) <= ${wakeupMaxBytes} THEN w.rows
-          WHEN octet_length(p.ids) <= ${wakeupMaxBytes} THEN p.ids
-          ELSE 'm' END)) AS n
-        FROM per_node p LEFT JOIN LATERAL (
-          SELECT json_build_object('v', 1, 'rows', json_agg(json_build_array(i.id::text, i.message_id, i.actor_id, i.kind,
-                   i.sender, i.reply_to, i.correlation_id, i.body) ORDER BY i.id))::text AS rows
-          FROM ins i WHERE p.n <= ${wakeupMaxRows} AND i.node_id = p.node_id
-        ) w ON true
-      )
-      SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`.withoutTransform
+          ${letters.map((l) => l.messageId)}::uuid[], ${letters.map((l) => l.actorId)}::text[],
+          ${letters.map((l) => l.nodeId)}::text[], ${letters.map((l) => l.sender)}::text[],
+          ${letters.map((l) => JSON.stringify(l.body ?? null))}::jsonb[], ${letters.map((l) => l.errorTag)}::text[],
+          ${letters.map((l) => l.reason)}::text[]
+        )`
 
-  /** Which of these actor ids are registered (to tell a retried insert from an unknown actor). */
-  const registered = (actorIds: ReadonlyArray<string>) =>
-    sql<{
-      actor_id: string
-    }>`SELECT actor_id FROM actor_registry WHERE actor_id = ANY(${actorIds}::text[])`.pipe(
-      Effect.map((rows) => new Set(rows.map((r) => r.actor_id)))
-    )
+    /** Drop message-log rows older than the retention. */
+    const trimLog = (olderThanSeconds: number) =>
+      sql`DELETE FROM actor_message_log WHERE handled_at < now() - make_interval(secs => ${olderThanSeconds})`
 
-  /** Claim up to `limit` unclaimed rows of a node under a fresh claim token, oldest first. */
-  const claim = (nodeId: string, token: string, limit: number) =>
-    sql<InboundRow>`
-      UPDATE actor_mailbox m SET claim = ${token}::uuid
-      WHERE m.id IN (
-        SELECT id FROM actor_mailbox WHERE node_id = ${nodeId} AND claim IS NULL
-        ORDER BY id LIMIT ${limit} FOR UPDATE SKIP LOCKED
-      )
-      RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
-                m.correlation_id::text AS correlation_id, m.body`.withoutTransform.pipe(
-      Effect.map((rows) => [...rows].sort(byId))
-    )
+    return { insert, registered, claim, claimIds, release, unclaim, ack, forward, deadLetter, trimLog } as const
+  })
 
-  /**
-   * Claim the given rows of a node under a fresh claim token (those still unclaimed: a row
-   * already claimed or acknowledged is left out), by primary key.
-   */
-  const claimIds = (nodeId: string, token: string, ids: ReadonlyArray<string>) =>
-    sql<InboundRow>`
-      UPDATE actor_mailbox m SET claim = ${token}::uuid
-      WHERE m.id = ANY(${ids}::bigint[]) AND m.node_id = ${nodeId} AND m.claim IS NULL
-      RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
-                m.correlation_id::text AS correlation_id, m.body`.withoutTransform.pipe(
-      Effect.map((rows) => [...rows].sort(byId))
-    )
-
-  /** Give claims back: those under the given tokens, or (no tokens) every claim of the node. */
-  const release = (nodeId: string, tokens?: ReadonlyArray<string>) =>
-    tokens === undefined
-      ? sql`UPDATE actor_mailbox SET claim = NULL WHERE node_id = ${nodeId} AND claim IS NOT NULL`
-      : sql`UPDATE actor_mailbox SET claim = NULL WHERE node_id = ${nodeId} AND claim = ANY(${tokens}::uuid[])`
-
-  /** Give back specific claimed rows (graceful shutdown: queued but not handled). */
-  const unclaim = (ids: ReadonlyArray<string>) =>
-    sql`UPDATE actor_mailbox SET claim = NULL WHERE id = ANY(${ids}::bigint[])`
-
-  /** Acknowledge handled rows: delete them, keeping a copy in the message log when `log` is on. */
-  const ack = (ids: ReadonlyArray<string>, log: boolean) =>
-    log
-      ? sql`
-        WITH d AS (DELETE FROM actor_mailbox WHERE id = ANY(${ids}::bigint[]) RETURNING *)
-        INSERT INTO actor_message_log (id, message_id, node_id, actor_id, kind, sender, body, sent_at)
-        SELECT id, message_id, node_id, actor_id, kind, sender, body, created_at FROM d WHERE kind <> 'reply'
-        ON CONFLICT (id) DO NOTHING`
-      : sql`DELETE FROM actor_mailbox WHERE id = ANY(${ids}::bigint[])`
-
-  /** Readdress rows to the node that now hosts their actor, and wake it. */
-  const forward = (ids: ReadonlyArray<string>, nodeId: string) =>
-    sql`
-      WITH f AS (UPDATE actor_mailbox SET node_id = ${nodeId}, claim = NULL WHERE id = ANY(${ids}::bigint[]) RETURNING 1)
-      SELECT pg_notify(${nodeChannel(nodeId)}, 'm'), (SELECT count(*) FROM f)`
-
-  /** Store dead letters. */
-  const deadLetter = (letters: ReadonlyArray<DeadLetter>) =>
-    sql`
-      INSERT INTO actor_dead_letters (message_id, actor_id, node_id, sender, body, error_tag, reason)
-      SELECT * FROM unnest(
-        ${letters.map((l) => l.messageId)}::uuid[], ${letters.map((l) => l.actorId)}::text[],
-        ${letters.map((l) => l.nodeId)}::text[], ${letters.map((l) => l.sender)}::text[],
-        ${letters.map((l) => JSON.stringify(l.body ?? null))}::jsonb[], ${letters.map((l) => l.errorTag)}::text[],
-        ${letters.map((l) => l.reason)}::text[]
-      )`
-
-  /** Drop message-log rows older than the retention. */
-  const trimLog = (olderThanSeconds: number) =>
-    sql`DELETE FROM actor_message_log WHERE handled_at < now() - make_interval(secs => ${olderThanSeconds})`
-
-  return { insert, registered, claim, claimIds, release, unclaim, ack, forward, deadLetter, trimLog } as const
-})
+/** Create the storage functions over the current `SqlClient` (every statement unnamed). */
+export const make = makeWith({})
 
 /** The storage functions. */
 export type MailboxStorage = Effect.Effect.Success<typeof make>

@@ -35,7 +35,7 @@ import {
 import * as Crypto from "node:crypto"
 import type * as Actor from "./Actor.ts"
 import * as ActorRegistry from "./ActorRegistry.ts"
-import { DatabaseUrls, describe } from "./Database.ts"
+import { DatabaseUrls, describe, makePreparedPool } from "./Database.ts"
 import * as MailboxStorage from "./MailboxStorage.ts"
 import * as NodeMembership from "./NodeMembership.ts"
 import * as Notifier from "./Notifier.ts"
@@ -82,6 +82,12 @@ export interface Options {
   readonly shutdownTimeout?: Duration.DurationInput
   /** How long a send retries while the database is unreachable (default 30 s). */
   readonly sendRetryFor?: Duration.DurationInput
+  /**
+   * Run the mailbox insert, claims and acknowledgements as named (prepared) statements on a
+   * small pool of the node's own, on `DATABASE_URL` (default on). Turn it off behind a
+   * transaction pooler that does not support prepared statements.
+   */
+  readonly preparedStatements?: boolean
 }
 
 /** Errors of a send. */
@@ -164,7 +170,12 @@ export const make = (
   Effect.gen(function* () {
     const nodeId = options.nodeId
     const urls = yield* DatabaseUrls
-    const storage = yield* MailboxStorage.make
+    // Opened first, closed last: the graceful shutdown below still writes through it.
+    const prepared =
+      (options.preparedStatements ?? true)
+        ? yield* makePreparedPool(urls.url, { applicationName: `troupe-mailbox:${nodeId}` })
+        : undefined
+    const storage = yield* MailboxStorage.makeWith({ prepared })
     const registry = yield* ActorRegistry.make
     const sql = yield* SqlClient.SqlClient
     const context = yield* Effect.context<never>()
