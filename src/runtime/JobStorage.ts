@@ -364,18 +364,27 @@ export const make = Effect.gen(function* () {
       )
       SELECT ${jobColumns("ins")}, (SELECT pg_notify('jobs:any', 'batch')) IS NULL AS woke FROM ins`.withoutTransform
 
-  /** Cancel a job that no worker holds yet. Returns the job, or `undefined` if it was not queued. */
-  const cancelQueued = (jobId: string, reason: string) =>
-    sql<JobRow>`
+  /**
+   * A cancel request in one round trip: a queued job is cancelled in its row (with its event
+   * and callback); otherwise the job's owner is returned, for the cancel to be routed there.
+   */
+  const cancelOrLocate = (jobId: string, reason: string) =>
+    sql<{ cancelled: boolean; status: string; attempts: number; node_id: string | null; worker_id: string | null; alive: boolean }>`
       WITH j AS (
         UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
           error_code = 'CANCELLED', error_message = ${reason}::text
         WHERE id = ${jobId}::uuid AND status = 'queued'
-        RETURNING gh_automation_jobs AS job, *
+        RETURNING gh_automation_jobs AS job, id
       ),
       ev AS (SELECT troupe_job_event(j.job, 'job_cancelled', ${`Cancelled while queued: ${reason}`}::text, NULL,
                                      jsonb_build_object('worker_id', NULL), true) AS id FROM j)
-      SELECT ${jobColumns("j")} FROM j, ev`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+      SELECT true AS cancelled, 'cancelled' AS status, 0 AS attempts, NULL::text AS node_id, NULL::text AS worker_id,
+        false AS alive FROM ev
+      UNION ALL
+      SELECT false, o.status, o.attempts, o.node_id, o.worker_id,
+        (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)})
+      FROM gh_automation_jobs o LEFT JOIN nodes n ON n.id = o.node_id
+      WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
 
   /** Pause the attempt for a human: status, interaction, event and callback. */
   const needsHuman = (jobId: string, epoch: number, interaction: Interaction, metadata: Record<string, unknown>) =>
@@ -701,7 +710,7 @@ export const make = Effect.gen(function* () {
     finish,
     finishMany,
     insertMany,
-    cancelQueued,
+    cancelOrLocate,
     needsHuman,
     resumed,
     report,

@@ -205,10 +205,9 @@ export const make = (
     const cancel = (jobId: string, reason = "cancelled by request"): Effect.Effect<JobState, JobRequestError> =>
       Effect.gen(function* () {
         yield* checkId(jobId)
-        const queued = yield* storage.cancelQueued(jobId, reason).pipe(Effect.mapError(persistence))
-        if (queued !== undefined) return { job_id: jobId, status: "cancelled", worker_id: null, node_id: node.id }
-        const owner = yield* storage.owner(jobId).pipe(Effect.mapError(persistence))
+        const owner = yield* storage.cancelOrLocate(jobId, reason).pipe(Effect.mapError(persistence))
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
+        if (owner.cancelled) return { job_id: jobId, status: "cancelled", worker_id: null, node_id: node.id }
         if (isTerminal(owner.status)) {
           return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it has already ended" })
         }
