@@ -844,10 +844,14 @@ export const make = (
       }
     })
 
-    const claimLoop = Queue.take(loopWake).pipe(
-      Effect.timeoutOption(Duration.millis(pollMillis)),
-      Effect.zipRight(step),
-      Effect.forever
+    // The poll is a timer of its own: a timeout around each take would start (and cancel) a
+    // timer and two fibers per wake-up, that is per message at a moderate load.
+    const claimLoop = Queue.take(loopWake).pipe(Effect.zipRight(step), Effect.forever)
+    yield* Effect.sync(() => loopWake.unsafeOffer(undefined)).pipe(
+      Effect.delay(Duration.millis(pollMillis)),
+      Effect.forever,
+      Effect.interruptible,
+      run
     )
 
     // --- Listener ---
