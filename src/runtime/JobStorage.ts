@@ -11,6 +11,7 @@ import { SqlClient } from "@effect/sql"
 import * as Statement from "@effect/sql/Statement"
 import { Effect } from "effect"
 import type { Interaction, Job, SubmitJob } from "../protocol/Jobs.ts"
+import type { PreparedPool } from "./Database.ts"
 import { aliveSql } from "./NodeMembership.ts"
 
 /** The NOTIFY channel workers of a node listen on for targeted jobs. */
@@ -62,9 +63,17 @@ export interface TargetState {
   readonly maxConcurrent: number
 }
 
-/** Create the storage functions over the current `SqlClient`. */
-export const make = Effect.gen(function* () {
+/**
+ * Create the storage functions over the current `SqlClient`; with `prepared`, the statements
+ * on the path from submit to handler and back (insert, claim, started, finishMany) run as
+ * named statements on that pool.
+ */
+export const makeWith = (options: { readonly prepared?: PreparedPool | undefined }) =>
+  Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
+  const prepared = options.prepared
+  const hot = <A extends object>(name: string, statement: Statement.Statement<A>) =>
+    prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
 
   /** Which workers a target names: its worker id, or the sandbox id it registered with. */
   const targets = (target: string | null) =>
@@ -95,7 +104,7 @@ export const make = Effect.gen(function* () {
 
   /** A job without a target: the insert and a NOTIFY to every worker, nothing else to decide. */
   const insertAny = (job: SubmitJob) =>
-    sql<JobRow & { woke: string }>`
+    hot("troupe_job_insert_any", sql<JobRow & { woke: string }>`
       WITH ins AS (
         INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, worker_affinity, callback_url, priority,
           max_attempts, timeout_seconds)
@@ -104,7 +113,7 @@ export const make = Effect.gen(function* () {
           ${job.timeout_seconds}::int)
         RETURNING *
       )
-      SELECT ${jobColumns("ins")}, pg_notify('jobs:any', ins.id::text) IS NULL AS woke FROM ins`.withoutTransform.pipe(
+      SELECT ${jobColumns("ins")}, pg_notify('jobs:any', ins.id::text) IS NULL AS woke FROM ins`).pipe(
       Effect.map((rows) => rows[0])
     )
 
@@ -165,7 +174,7 @@ export const make = Effect.gen(function* () {
    * callback, and point the worker's `current_job_id` at one of them. One statement.
    */
   const claim = (worker: WorkerRegistration, limit: number) =>
-    sql<Claimed & { attempts: number }>`
+    hot("troupe_job_claim", sql<Claimed & { attempts: number }>`
       WITH picked AS (
         SELECT id FROM gh_automation_jobs
         WHERE status = 'queued' AND run_at <= now()
@@ -194,16 +203,20 @@ export const make = Effect.gen(function* () {
         RETURNING actor_id
       ),
       moved AS (
-        UPDATE actor_mailbox SET node_id = ${worker.nodeId}, claim = NULL
-        WHERE actor_id IN (SELECT 'job:' || id FROM claimed WHERE attempts > 1) AND node_id <> ${worker.nodeId}
+        UPDATE actor_mailbox SET node_id = ${worker.nodeId}::text, claim = NULL
+        WHERE actor_id IN (SELECT 'job:' || id FROM claimed WHERE attempts > 1) AND node_id <> ${worker.nodeId}::text
         RETURNING 1
       ),
-      woke AS (SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1)
+      -- Moved messages need a scan on this node (a bare wake-up), not the rows-in-NOTIFY fast path.
+      woke AS (
+        SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1
+        UNION ALL SELECT pg_notify('node:' || ${worker.nodeId}::text, 'm') FROM (SELECT 1 FROM moved LIMIT 1) x
+      )
       SELECT (c.job).id::text AS id, (c.job).job_type, (c.job).payload, (c.job).attempts, (c.job).timeout_seconds,
         (c.job).worker_affinity, (c.job).target_worker_id, (c.job).valet_task_id, (c.job).cost
       FROM claimed c
       WHERE (SELECT count(*) FROM placed) >= 0 AND (SELECT count(*) FROM moved) >= 0
-        AND (SELECT count(*) FROM woke) >= 0`.withoutTransform
+        AND (SELECT count(*) FROM woke) >= 0`)
 
   /**
    * What follows a claim, off the path to the handler's start: `job_started` events and
@@ -211,7 +224,7 @@ export const make = Effect.gen(function* () {
    * own writes until this is done, so events stay in order.
    */
   const started = (worker: WorkerRegistration, claimed: ReadonlyArray<{ readonly id: string; readonly attempts: number }>) =>
-    sql`
+    hot("troupe_job_started", sql`
       WITH c AS (
         SELECT j AS job, j.id, j.attempts FROM gh_automation_jobs j
         JOIN unnest(${claimed.map((c) => c.id)}::uuid[], ${claimed.map((c) => c.attempts)}::int[]) AS u(id, attempts)
@@ -238,7 +251,7 @@ export const make = Effect.gen(function* () {
       )
       SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x
       UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
-      UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`.pipe(Effect.asVoid)
+      UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`).pipe(Effect.asVoid)
 
   /**
    * End the attempt `epoch` of a job: its final status, event and callback, the worker's
@@ -277,7 +290,7 @@ export const make = Effect.gen(function* () {
     workerId: string,
     items: ReadonlyArray<{ readonly jobId: string; readonly epoch: number; readonly outcome: Outcome }>
   ) =>
-    sql<{ id: string }>`
+    hot("troupe_job_finish_many", sql<{ id: string }>`
       WITH input AS (
         SELECT * FROM unnest(
           ${items.map((i) => i.jobId)}::uuid[], ${items.map((i) => i.epoch)}::int[],
@@ -321,7 +334,7 @@ export const make = Effect.gen(function* () {
         UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
       )
       SELECT j.id::text AS id FROM j
-      WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0 AND (SELECT count(*) FROM woke) >= 0`.withoutTransform.pipe(
+      WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0 AND (SELECT count(*) FROM woke) >= 0`).pipe(
       Effect.map((rows) => new Set(rows.map((r) => r.id)))
     )
 
@@ -726,7 +739,10 @@ export const make = Effect.gen(function* () {
     owner,
     events
   } as const
-})
+  })
+
+/** Create the storage functions over the current `SqlClient` (no prepared statements). */
+export const make = makeWith({})
 
 /** The storage functions. */
 export type JobStorage = Effect.Effect.Success<typeof make>

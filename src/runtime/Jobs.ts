@@ -96,7 +96,7 @@ export const make = (
   options: Options = {}
 ): Effect.Effect<JobService, never, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
-    const storage = yield* JobStorage.make
+    const storage = yield* JobStorage.makeWith({ prepared: node.prepared })
     const preferredWaitMs = Duration.toMillis(options.preferredWait ?? "2 seconds")
     const askTimeout = Duration.decode(options.askTimeout ?? "10 seconds")
     const scope = yield* Effect.scope

@@ -35,7 +35,7 @@ import {
 import * as Crypto from "node:crypto"
 import type * as Actor from "./Actor.ts"
 import * as ActorRegistry from "./ActorRegistry.ts"
-import { DatabaseUrls, describe, makePreparedPool } from "./Database.ts"
+import { DatabaseUrls, describe, makePreparedPool, type PreparedPool } from "./Database.ts"
 import * as MailboxStorage from "./MailboxStorage.ts"
 import * as NodeMembership from "./NodeMembership.ts"
 import * as Notifier from "./Notifier.ts"
@@ -151,6 +151,8 @@ export interface TroupeNode {
   readonly stats: () => Stats
   /** Wake the claim loop (used by tests to check that nothing is pending). */
   readonly wake: () => void
+  /** The node's pool for named (prepared) hot statements, unless `preparedStatements: false`. */
+  readonly prepared: PreparedPool | undefined
   /** Subscribe to a NOTIFY channel on the node's listener connection (kept across reconnects). */
   readonly listen: (channel: string, onPayload: (payload: string) => void) => Effect.Effect<void>
   /** Run after every (re)connect of the listener: where a consumer catches up on what it missed. */
@@ -987,6 +989,7 @@ export const make = (
       tellRaw,
       askRaw,
       wake,
+      prepared,
       listen: notifier.listen,
       onReconnect: notifier.onConnect,
       stats: () => {

@@ -86,7 +86,7 @@ export const make = (
   options: Options
 ): Effect.Effect<Worker, unknown, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
-    const storage = yield* JobStorage.make
+    const storage = yield* JobStorage.makeWith({ prepared: node.prepared })
     const nodeId = node.id
     const workerId = options.workerId ?? `worker-${nodeId}`
     const maxConcurrent = Math.max(1, options.maxConcurrent ?? 1)
