@@ -484,7 +484,10 @@ const mainQuick = async (args: ReadonlyArray<string>): Promise<void> => {
         const latKeys = keys("lat", quick.latency.targetActors)
         const pair = yield* nodePair(db.url, "", true, latKeys)
         const out: Array<{ name: string; r: Effect.Effect.Success<ReturnType<typeof openLoop>> }> = []
-        const phase = (name: string, p: { ratePerSecond: number; warmupMessages: number; measuredMessages: number }) =>
+        const phase = (
+          name: string,
+          p: { ratePerSecond: number; warmupMessages: number; measuredMessages: number }
+        ) =>
           Effect.gen(function* () {
             const r = yield* openLoop(pair, latKeys, {
               rate: p.ratePerSecond,

@@ -22,12 +22,21 @@ import * as Db from "./db.ts"
 import * as Peers from "./peers.ts"
 import { cpuMeter, ms, round, sleep, summarize } from "./stats.ts"
 
-const median = (xs: ReadonlyArray<number>) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)] ?? Number.NaN
+const median = (xs: ReadonlyArray<number>) =>
+  [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)] ?? Number.NaN
 
 /** Settings of troupe's runs (recorded in the JSON). */
 export const troupeSettings = {
-  pickup: { workers: 1, max_concurrent: 1, enqueue: "jobs.submit (insert + NOTIFY to jobs:any, one statement)" },
-  throughput: { workers: Number(process.env.BENCH_TP_WORKERS ?? 2), max_concurrent: Number(process.env.BENCH_TP_CONCURRENCY ?? 256), enqueue: "jobs.submitMany (one INSERT … SELECT unnest per batch)" },
+  pickup: {
+    workers: 1,
+    max_concurrent: 1,
+    enqueue: "jobs.submit (insert + NOTIFY to jobs:any, one statement)"
+  },
+  throughput: {
+    workers: Number(process.env.BENCH_TP_WORKERS ?? 2),
+    max_concurrent: Number(process.env.BENCH_TP_CONCURRENCY ?? 256),
+    enqueue: "jobs.submitMany (one INSERT … SELECT unnest per batch)"
+  },
   cancel: { workers: 1, max_concurrent: 1, samples_full: 300, samples_quick: 60 },
   failover: { processes: 2, reaper_interval_ms: 250, requeue_backoff_ms: 250, runs_full: 5, runs_quick: 2 },
   pool: { max_connections_per_node: 16 },
@@ -40,7 +49,8 @@ export const troupeSettings = {
 /** Measure troupe; the figures `bench/jobs.ts` reports. */
 export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
   const layer = Db.clientLayer(db.url, { applicationName: "bench-troupe", maxConnections: 16 })
-  const nodeLayer = (name: string) => Db.clientLayer(db.url, { applicationName: `bench-troupe-${name}`, maxConnections: 16 })
+  const nodeLayer = (name: string) =>
+    Db.clientLayer(db.url, { applicationName: `bench-troupe-${name}`, maxConnections: 16 })
   const program = Effect.gen(function* () {
     const runtime = yield* Effect.runtime<never>()
     const run = <A, E>(effect: Effect.Effect<A, E>) => Runtime.runPromise(runtime)(effect)
@@ -101,20 +111,31 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
         ctx,
         counter,
         (from, count) =>
-          run(jobs.submitMany(Array.from({ length: count }, (_, i) => ({ job_type: "tp", payload: { seq: from + i } })))).then(
-            () => undefined
-          ),
-        Peers.countQuery(db.url, "SELECT count(*)::int AS n FROM gh_automation_jobs WHERE status IN ('queued', 'running')")
+          run(
+            jobs.submitMany(
+              Array.from({ length: count }, (_, i) => ({ job_type: "tp", payload: { seq: from + i } }))
+            )
+          ).then(() => undefined),
+        Peers.countQuery(
+          db.url,
+          "SELECT count(*)::int AS n FROM gh_automation_jobs WHERE status IN ('queued', 'running')"
+        )
       )
     )
-    const claimStats = tws.map((tw) => ({ claims: tw.worker.stats().claims, claimed: tw.worker.stats().claimed }))
+    const claimStats = tws.map((tw) => ({
+      claims: tw.worker.stats().claims,
+      claimed: tw.worker.stats().claimed
+    }))
     ctx.log(`  claims: ${JSON.stringify(claimStats)}`)
     for (const tw of tws) yield* tw.close
 
     // --- Cancel ---
     ctx.log("  cancel")
     const cw = yield* workerNode("bench-cancel", 1)
-    const cancelSamples = ctx.sizes.pickupSamples >= 1000 ? troupeSettings.cancel.samples_full : troupeSettings.cancel.samples_quick
+    const cancelSamples =
+      ctx.sizes.pickupSamples >= 1000
+        ? troupeSettings.cancel.samples_full
+        : troupeSettings.cancel.samples_quick
     const warm = 10
     const cancelMs: Array<number> = []
     const stopCpu = cpuMeter(ctx.serverPid)
@@ -123,7 +144,8 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
       interrupted.set(seq, d)
       const started = entered.wait(seq, 5000)
       const job = yield* jobs.submit({ job_type: "hold", payload: { seq } })
-      if ((yield* Effect.promise(() => started)) === undefined) throw new Error(`cancel: job ${seq} never started`)
+      if ((yield* Effect.promise(() => started)) === undefined)
+        throw new Error(`cancel: job ${seq} never started`)
       const t = performance.now()
       yield* jobs.cancel(job.id, "bench")
       const at = yield* Deferred.await(d)
@@ -137,12 +159,19 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
 
     // --- Failover (worker OS processes; the reaper is this process's gateway) ---
     ctx.log("  failover")
-    const failoverRuns = ctx.sizes.pickupSamples >= 1000 ? troupeSettings.failover.runs_full : troupeSettings.failover.runs_quick
+    const failoverRuns =
+      ctx.sizes.pickupSamples >= 1000 ? troupeSettings.failover.runs_full : troupeSettings.failover.runs_quick
     const failovers: Array<number> = []
-    for (let i = 0; i < failoverRuns; i++) failovers.push(yield* Effect.promise(() => failoverOnce(db.url, i)))
+    for (let i = 0; i < failoverRuns; i++)
+      failovers.push(yield* Effect.promise(() => failoverOnce(db.url, i)))
     ctx.log(`  failover ${failovers.map((f) => `${Math.round(f)} ms`).join(", ")}`)
 
-    return { pickup, throughput: { ...throughput, claims: claimStats }, cancel: { ...cancel, cpu: cancelCpu }, failovers }
+    return {
+      pickup,
+      throughput: { ...throughput, claims: claimStats },
+      cancel: { ...cancel, cpu: cancelCpu },
+      failovers
+    }
   })
   const inProcess = await Effect.runPromise(Effect.scoped(program).pipe(Effect.provide(layer)))
   const failovers = inProcess.failovers
@@ -184,7 +213,8 @@ const startWorkerProcess = (url: string, nodeId: string) =>
       if (out.includes("ready")) resolve({ kill: () => child.kill("SIGKILL"), exited })
     })
     child.on("exit", (code) => {
-      if (!out.includes("ready")) reject(new Error(`worker ${nodeId} exited (${code}) before it was ready: ${out}`))
+      if (!out.includes("ready"))
+        reject(new Error(`worker ${nodeId} exited (${code}) before it was ready: ${out}`))
     })
   })
 
@@ -208,15 +238,25 @@ const failoverOnce = async (url: string, i: number): Promise<number> => {
       const rows = await Db.query(url, "SELECT 1 FROM test_job_runs WHERE job_id = $1", [job!.id])
       if (rows.length > 0) break
       if (t > 500) {
-        const state = await Db.query(url, "SELECT status, worker_id, error_code, attempts FROM gh_automation_jobs WHERE id = $1", [job!.id])
-        const workers = await Db.query(url, "SELECT worker_id, status, node_id, current_job_id FROM gh_worker_registry")
-        throw new Error(`failover: the job never started: ${JSON.stringify(state)} ${JSON.stringify(workers)}`)
+        const state = await Db.query(
+          url,
+          "SELECT status, worker_id, error_code, attempts FROM gh_automation_jobs WHERE id = $1",
+          [job!.id]
+        )
+        const workers = await Db.query(
+          url,
+          "SELECT worker_id, status, node_id, current_job_id FROM gh_worker_registry"
+        )
+        throw new Error(
+          `failover: the job never started: ${JSON.stringify(state)} ${JSON.stringify(workers)}`
+        )
       }
       await sleep(10)
     }
-    const [{ at }] = (await Db.query<{ at: string }>(url, "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS at")) as [
-      { at: string }
-    ]
+    const [{ at }] = (await Db.query<{ at: string }>(
+      url,
+      "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS at"
+    )) as [{ at: string }]
     a.kill()
     await a.exited
     for (let t = 0; ; t++) {
@@ -231,7 +271,10 @@ const failoverOnce = async (url: string, i: number): Promise<number> => {
     }
   } finally {
     // Settle this run's job so it is not requeued into the next run's workers.
-    await Db.query(url, "UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now() WHERE job_type = 'work' AND status IN ('queued', 'running')")
+    await Db.query(
+      url,
+      "UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now() WHERE job_type = 'work' AND status IN ('queued', 'running')"
+    )
     a.kill()
     b.kill()
     await Promise.all([a.exited, b.exited])

@@ -10,7 +10,9 @@ import * as JobHandler from "../runtime/JobHandler.ts"
 export const builtinHandlers = JobHandler.handlers({
   noop: Effect.succeed({ ok: true }),
   sleep: Effect.gen(function* () {
-    const { ms } = yield* JobHandler.payload(Schema.Struct({ ms: Schema.Number.pipe(Schema.between(0, 3_600_000)) }))
+    const { ms } = yield* JobHandler.payload(
+      Schema.Struct({ ms: Schema.Number.pipe(Schema.between(0, 3_600_000)) })
+    )
     yield* JobHandler.step(`Sleeping ${ms} ms`, Effect.sleep(Duration.millis(ms)), { index: 1, total: 1 })
     return { slept_ms: ms }
   }),

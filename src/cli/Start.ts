@@ -41,7 +41,10 @@ export const run = Effect.gen(function* () {
       Option.match(raw, {
         onNone: () => Effect.succeed(defaultPrices),
         onSome: (json) =>
-          Effect.map(Schema.decodeUnknown(Schema.parseJson(PriceTable))(json), (table) => ({ ...defaultPrices, ...table }))
+          Effect.map(Schema.decodeUnknown(Schema.parseJson(PriceTable))(json), (table) => ({
+            ...defaultPrices,
+            ...table
+          }))
       })
     )
     const worker = yield* Worker.make(node, {

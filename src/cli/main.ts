@@ -22,7 +22,8 @@ const report = <A, E, R>(self: Effect.Effect<A, E, R>) =>
     const error = failure._tag === "Some" ? failure.value : Cause.squash(exit.cause)
     const tag = (error as { _tag?: string })?._tag
     // @effect/cli has printed what was wrong with the arguments already.
-    if (ValidationError.isValidationError(error) || tag === "HelpDoc") return Effect.sync(() => (process.exitCode = 2))
+    if (ValidationError.isValidationError(error) || tag === "HelpDoc")
+      return Effect.sync(() => (process.exitCode = 2))
     const message =
       error instanceof Error || (error && typeof (error as Error).message === "string")
         ? (error as Error).message

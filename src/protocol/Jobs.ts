@@ -9,7 +9,14 @@ export const WorkerAffinity = Schema.Literal("strict", "preferred", "any")
 export type WorkerAffinity = typeof WorkerAffinity.Type
 
 /** A job's lifecycle: `queued → running → (needs_human ⇄ running) → completed | failed | cancelled`. */
-export const JobStatus = Schema.Literal("queued", "running", "needs_human", "completed", "failed", "cancelled")
+export const JobStatus = Schema.Literal(
+  "queued",
+  "running",
+  "needs_human",
+  "completed",
+  "failed",
+  "cancelled"
+)
 export type JobStatus = typeof JobStatus.Type
 
 /** The states a job never leaves. */

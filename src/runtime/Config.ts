@@ -37,7 +37,10 @@ export const WorkerConfig = Config.all({
   ec2InstanceId: Config.option(Config.string("EC2_INSTANCE_ID")),
   ec2Ip: Config.option(Config.string("EC2_IP")),
   maxConcurrent: Config.integer("MAX_CONCURRENT_JOBS").pipe(
-    Config.validate({ message: "MAX_CONCURRENT_JOBS must be between 1 and 1000", validation: (n) => n >= 1 && n <= 1000 }),
+    Config.validate({
+      message: "MAX_CONCURRENT_JOBS must be between 1 and 1000",
+      validation: (n) => n >= 1 && n <= 1000
+    }),
     Config.withDefault(1)
   ),
   heartbeatMs: Config.integer("GH_WORKER_HEARTBEAT_MS").pipe(Config.withDefault(10_000))

@@ -117,14 +117,21 @@ export const makePreparedPool = (
         p.on("error", () => undefined)
         return p
       }),
-      (p) => Effect.promise(() => p.end().catch(() => undefined)).pipe(Effect.timeoutOption(Duration.seconds(1)))
+      (p) =>
+        Effect.promise(() => p.end().catch(() => undefined)).pipe(Effect.timeoutOption(Duration.seconds(1)))
     )
     const run = (name: string, text: string, values: ReadonlyArray<unknown>) =>
       Effect.async<ReadonlyArray<any>, SqlError.SqlError>((resume) => {
-        pool.query({ name, text, values: values as Array<unknown> }, (err: Error | undefined, result: pg.QueryResult) => {
-          if (err) resume(Effect.fail(new SqlError.SqlError({ cause: err, message: "Failed to execute statement" })))
-          else resume(Effect.succeed(result.rows))
-        })
+        pool.query(
+          { name, text, values: values as Array<unknown> },
+          (err: Error | undefined, result: pg.QueryResult) => {
+            if (err)
+              resume(
+                Effect.fail(new SqlError.SqlError({ cause: err, message: "Failed to execute statement" }))
+              )
+            else resume(Effect.succeed(result.rows))
+          }
+        )
       })
     return {
       execute: (name, statement) =>

@@ -58,7 +58,11 @@ export interface JobContextShape {
   readonly workerId: string
   readonly nodeId: string
   /** Write a `gh_job_events` row for this job (with worker id, elapsed time and progress). */
-  readonly report: (eventType: string, message: string, metadata?: Record<string, unknown>) => Effect.Effect<void>
+  readonly report: (
+    eventType: string,
+    message: string,
+    metadata?: Record<string, unknown>
+  ) => Effect.Effect<void>
   /** Record a model call's token usage: a `tokens_used` event and the job's running cost. */
   readonly tokensUsed: (usage: Usage) => Effect.Effect<void>
   /** Count one action (a completed step) in the job's cost. */
@@ -115,7 +119,9 @@ const bracketed = <A, E, R>(
         duration_ms: Date.now() - started
       })
     } else if (kind === "cookbook_step") {
-      yield* ctx.report("cookbook_step_failed", `Recipe failed: ${message}`, { duration_ms: Date.now() - started })
+      yield* ctx.report("cookbook_step_failed", `Recipe failed: ${message}`, {
+        duration_ms: Date.now() - started
+      })
     }
     return yield* exit
   })
@@ -179,7 +185,11 @@ export interface Cost {
   readonly total_cost_usd: number
   readonly action_count: number
   readonly total_tokens: number
-  readonly breakdown: ReadonlyArray<{ readonly model: string; readonly tokens: number; readonly cost_usd: number }>
+  readonly breakdown: ReadonlyArray<{
+    readonly model: string
+    readonly tokens: number
+    readonly cost_usd: number
+  }>
 }
 
 /** No cost yet. */

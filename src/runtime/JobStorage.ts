@@ -70,14 +70,14 @@ export interface TargetState {
  */
 export const makeWith = (options: { readonly prepared?: PreparedPool | undefined }) =>
   Effect.gen(function* () {
-  const sql = yield* SqlClient.SqlClient
-  const prepared = options.prepared
-  const hot = <A extends object>(name: string, statement: Statement.Statement<A>) =>
-    prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
+    const sql = yield* SqlClient.SqlClient
+    const prepared = options.prepared
+    const hot = <A extends object>(name: string, statement: Statement.Statement<A>) =>
+      prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
 
-  /** Which workers a target names: its worker id, or the sandbox id it registered with. */
-  const targets = (target: string | null) =>
-    sql`SELECT w.worker_id, w.node_id, w.status, w.max_concurrent,
+    /** Which workers a target names: its worker id, or the sandbox id it registered with. */
+    const targets = (target: string | null) =>
+      sql`SELECT w.worker_id, w.node_id, w.status, w.max_concurrent,
           (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive,
           (SELECT count(*) FROM gh_automation_jobs j
              WHERE (j.worker_id = w.worker_id AND j.status IN ('running', 'needs_human'))
@@ -86,25 +86,30 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
         WHERE ${target}::text IS NOT NULL AND (w.worker_id = ${target}::text OR w.target_worker_id = ${target}::text)`
 
-  /**
-   * Insert a job and wake who should claim it: the target's node for `strict` and
-   * `preferred` when the target is up, everyone otherwise. A `strict` job is inserted only
-   * if its target is active, alive and not full (the same statement decides). A
-   * `preferred` job is open to all at once when its target is not up, else after `preferredWaitMs`.
-   */
-  const insert = (job: SubmitJob, preferredWaitMs: number) =>
-    job.target_worker_id === null
-      ? insertAny(job)
-      : job.worker_affinity === "strict"
-      ? // Two strict submits to one target must not both see its last free slot.
-        sql.withTransaction(
-          Effect.zipRight(sql`SELECT pg_advisory_xact_lock(hashtext(${`troupe:strict:${job.target_worker_id}`}::text))`, insertOne(job, preferredWaitMs))
-        )
-      : insertOne(job, preferredWaitMs)
+    /**
+     * Insert a job and wake who should claim it: the target's node for `strict` and
+     * `preferred` when the target is up, everyone otherwise. A `strict` job is inserted only
+     * if its target is active, alive and not full (the same statement decides). A
+     * `preferred` job is open to all at once when its target is not up, else after `preferredWaitMs`.
+     */
+    const insert = (job: SubmitJob, preferredWaitMs: number) =>
+      job.target_worker_id === null
+        ? insertAny(job)
+        : job.worker_affinity === "strict"
+          ? // Two strict submits to one target must not both see its last free slot.
+            sql.withTransaction(
+              Effect.zipRight(
+                sql`SELECT pg_advisory_xact_lock(hashtext(${`troupe:strict:${job.target_worker_id}`}::text))`,
+                insertOne(job, preferredWaitMs)
+              )
+            )
+          : insertOne(job, preferredWaitMs)
 
-  /** A job without a target: the insert and a NOTIFY to every worker, nothing else to decide. */
-  const insertAny = (job: SubmitJob) =>
-    hot("troupe_job_insert_any", sql<JobRow & { woke: string }>`
+    /** A job without a target: the insert and a NOTIFY to every worker, nothing else to decide. */
+    const insertAny = (job: SubmitJob) =>
+      hot(
+        "troupe_job_insert_any",
+        sql<JobRow & { woke: string }>`
       WITH ins AS (
         INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, worker_affinity, callback_url, priority,
           max_attempts, timeout_seconds)
@@ -113,12 +118,11 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
           ${job.timeout_seconds}::int)
         RETURNING *
       )
-      SELECT ${jobColumns("ins")}, pg_notify('jobs:any', ins.id::text) IS NULL AS woke FROM ins`).pipe(
-      Effect.map((rows) => rows[0])
-    )
+      SELECT ${jobColumns("ins")}, pg_notify('jobs:any', ins.id::text) IS NULL AS woke FROM ins`
+      ).pipe(Effect.map((rows) => rows[0]))
 
-  const insertOne = (job: SubmitJob, preferredWaitMs: number) =>
-    sql<JobRow & { woke: string }>`
+    const insertOne = (job: SubmitJob, preferredWaitMs: number) =>
+      sql<JobRow & { woke: string }>`
       WITH t AS (${targets(job.target_worker_id)}),
       avail AS (SELECT * FROM t WHERE status = 'active' AND alive ORDER BY load LIMIT 1),
       ins AS (
@@ -139,42 +143,54 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
                                    ELSE 'any' END, ins.id::text) IS NULL AS woke
       FROM ins LEFT JOIN avail a ON true`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
 
-  /**
-   * Jobs left queued for a target that went offline (a submit that raced the target's
-   * death): close those targets again. Cheap: it reads queued jobs by the partial index.
-   */
-  const closeOfflineTargets = sql<{ worker_id: string }>`
+    /**
+     * Jobs left queued for a target that went offline (a submit that raced the target's
+     * death): close those targets again. Cheap: it reads queued jobs by the partial index.
+     */
+    const closeOfflineTargets = sql<{ worker_id: string }>`
       SELECT DISTINCT w.worker_id FROM gh_automation_jobs j
       JOIN gh_worker_registry w ON j.target_worker_id IN (w.worker_id, w.target_worker_id)
       WHERE j.status = 'queued' AND w.status = 'offline'
-        AND (j.worker_affinity = 'strict' OR (j.worker_affinity = 'preferred' AND (j.open_at IS NULL OR j.open_at > now())))`
-    .withoutTransform.pipe(
+        AND (j.worker_affinity = 'strict' OR (j.worker_affinity = 'preferred' AND (j.open_at IS NULL OR j.open_at > now())))`.withoutTransform.pipe(
       Effect.flatMap((rows) =>
-        rows.length === 0 ? Effect.succeed([]) : closeTarget(rows.map((r) => r.worker_id), "went offline")
+        rows.length === 0
+          ? Effect.succeed([])
+          : closeTarget(
+              rows.map((r) => r.worker_id),
+              "went offline"
+            )
       )
     )
 
-  /** Why a target cannot take a strict job now. */
-  const targetState = (target: string) =>
-    Effect.map(
-      sql<{ status: string; alive: boolean; load: number; max_concurrent: number }>`${targets(target)}`
-        .withoutTransform,
-      (rows): TargetState => {
-        const best = rows.find((r) => r.status === "active" && r.alive) ?? rows[0]
-        return best === undefined
-          ? { exists: false, status: null, alive: false, load: 0, maxConcurrent: 0 }
-          : { exists: true, status: best.status, alive: best.alive, load: best.load, maxConcurrent: best.max_concurrent }
-      }
-    )
+    /** Why a target cannot take a strict job now. */
+    const targetState = (target: string) =>
+      Effect.map(
+        sql<{ status: string; alive: boolean; load: number; max_concurrent: number }>`${targets(target)}`
+          .withoutTransform,
+        (rows): TargetState => {
+          const best = rows.find((r) => r.status === "active" && r.alive) ?? rows[0]
+          return best === undefined
+            ? { exists: false, status: null, alive: false, load: 0, maxConcurrent: 0 }
+            : {
+                exists: true,
+                status: best.status,
+                alive: best.alive,
+                load: best.load,
+                maxConcurrent: best.max_concurrent
+              }
+        }
+      )
 
-  /**
-   * Claim up to `limit` jobs this worker may run, oldest of the highest priority first:
-   * mark them running under a new attempt, place their `job:<id>` actors on this node
-   * (moving any messages waiting for an earlier placement), write `job_started` and its
-   * callback, and point the worker's `current_job_id` at one of them. One statement.
-   */
-  const claim = (worker: WorkerRegistration, limit: number) =>
-    hot("troupe_job_claim", sql<Claimed & { attempts: number }>`
+    /**
+     * Claim up to `limit` jobs this worker may run, oldest of the highest priority first:
+     * mark them running under a new attempt, place their `job:<id>` actors on this node
+     * (moving any messages waiting for an earlier placement), write `job_started` and its
+     * callback, and point the worker's `current_job_id` at one of them. One statement.
+     */
+    const claim = (worker: WorkerRegistration, limit: number) =>
+      hot(
+        "troupe_job_claim",
+        sql<Claimed & { attempts: number }>`
       WITH picked AS (
         SELECT id FROM gh_automation_jobs
         WHERE status = 'queued' AND run_at <= now()
@@ -216,15 +232,21 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         (c.job).worker_affinity, (c.job).target_worker_id, (c.job).valet_task_id, (c.job).cost
       FROM claimed c
       WHERE (SELECT count(*) FROM placed) >= 0 AND (SELECT count(*) FROM moved) >= 0
-        AND (SELECT count(*) FROM woke) >= 0`)
+        AND (SELECT count(*) FROM woke) >= 0`
+      )
 
-  /**
-   * What follows a claim, off the path to the handler's start: `job_started` events and
-   * their callbacks, and the worker's `current_job_id`. The worker holds back the attempt's
-   * own writes until this is done, so events stay in order.
-   */
-  const started = (worker: WorkerRegistration, claimed: ReadonlyArray<{ readonly id: string; readonly attempts: number }>) =>
-    hot("troupe_job_started", sql`
+    /**
+     * What follows a claim, off the path to the handler's start: `job_started` events and
+     * their callbacks, and the worker's `current_job_id`. The worker holds back the attempt's
+     * own writes until this is done, so events stay in order.
+     */
+    const started = (
+      worker: WorkerRegistration,
+      claimed: ReadonlyArray<{ readonly id: string; readonly attempts: number }>
+    ) =>
+      hot(
+        "troupe_job_started",
+        sql`
       WITH c AS (
         SELECT j AS job, j.id, j.attempts FROM gh_automation_jobs j
         JOIN unnest(${claimed.map((c) => c.id)}::uuid[], ${claimed.map((c) => c.attempts)}::int[]) AS u(id, attempts)
@@ -251,15 +273,16 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       )
       SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x
       UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
-      UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`).pipe(Effect.asVoid)
+      UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`
+      ).pipe(Effect.asVoid)
 
-  /**
-   * End the attempt `epoch` of a job: its final status, event and callback, the worker's
-   * counters, and the job's actor leaves the registry. Nothing happens (and `undefined`
-   * is returned) when the attempt is no longer the job's live one.
-   */
-  const finish = (jobId: string, epoch: number, outcome: Outcome) =>
-    sql<{ event_id: string; worker_id: string | null }>`
+    /**
+     * End the attempt `epoch` of a job: its final status, event and callback, the worker's
+     * counters, and the job's actor leaves the registry. Nothing happens (and `undefined`
+     * is returned) when the attempt is no longer the job's live one.
+     */
+    const finish = (jobId: string, epoch: number, outcome: Outcome) =>
+      sql<{ event_id: string; worker_id: string | null }>`
       WITH j AS (
         UPDATE gh_automation_jobs SET status = ${outcome.status}::text, result = ${json(outcome.result)}::jsonb,
           error_code = ${outcome.errorCode ?? null}::text, error_message = ${outcome.errorMessage ?? null}::text,
@@ -279,18 +302,20 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       SELECT troupe_job_event(j.job, ${outcome.eventType}::text, ${outcome.message}::text, j.worker_id,
                ${JSON.stringify(outcome.metadata)}::jsonb, true)::text AS event_id, j.worker_id
       FROM j WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0`.withoutTransform.pipe(
-      Effect.map((rows) => rows[0])
-    )
+        Effect.map((rows) => rows[0])
+      )
 
-  /**
-   * End many attempts of one worker's jobs in one statement (`finish`, set-based): what
-   * the worker writes when handlers return. Returns the ids that were still live attempts.
-   */
-  const finishMany = (
-    workerId: string,
-    items: ReadonlyArray<{ readonly jobId: string; readonly epoch: number; readonly outcome: Outcome }>
-  ) =>
-    hot("troupe_job_finish_many", sql<{ id: string }>`
+    /**
+     * End many attempts of one worker's jobs in one statement (`finish`, set-based): what
+     * the worker writes when handlers return. Returns the ids that were still live attempts.
+     */
+    const finishMany = (
+      workerId: string,
+      items: ReadonlyArray<{ readonly jobId: string; readonly epoch: number; readonly outcome: Outcome }>
+    ) =>
+      hot(
+        "troupe_job_finish_many",
+        sql<{ id: string }>`
       WITH input AS (
         SELECT * FROM unnest(
           ${items.map((i) => i.jobId)}::uuid[], ${items.map((i) => i.epoch)}::int[],
@@ -334,16 +359,15 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
       )
       SELECT j.id::text AS id FROM j
-      WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0 AND (SELECT count(*) FROM woke) >= 0`).pipe(
-      Effect.map((rows) => new Set(rows.map((r) => r.id)))
-    )
+      WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0 AND (SELECT count(*) FROM woke) >= 0`
+      ).pipe(Effect.map((rows) => new Set(rows.map((r) => r.id))))
 
-  /**
-   * Insert many jobs that need no availability check (`any` and `preferred`), in order, and
-   * wake everyone once. A `preferred` job whose target is up waits for it as in `insert`.
-   */
-  const insertMany = (jobs: ReadonlyArray<SubmitJob>, preferredWaitMs: number) =>
-    sql<JobRow>`
+    /**
+     * Insert many jobs that need no availability check (`any` and `preferred`), in order, and
+     * wake everyone once. A `preferred` job whose target is up waits for it as in `insert`.
+     */
+    const insertMany = (jobs: ReadonlyArray<SubmitJob>, preferredWaitMs: number) =>
+      sql<JobRow>`
       WITH input AS (
         SELECT * FROM unnest(
           ${jobs.map((j) => j.valet_task_id)}::text[], ${jobs.map((j) => j.job_type)}::text[],
@@ -375,14 +399,22 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         FROM input i ORDER BY i.ord
         RETURNING *
       )
-      SELECT ${jobColumns("ins")}, (SELECT pg_notify('jobs:any', 'batch')) IS NULL AS woke FROM ins`.withoutTransform
+      SELECT ${jobColumns("ins")}, (SELECT pg_notify('jobs:any', 'batch')) IS NULL AS woke FROM ins`
+        .withoutTransform
 
-  /**
-   * A cancel request in one round trip: a queued job is cancelled in its row (with its event
-   * and callback); otherwise the job's owner is returned, for the cancel to be routed there.
-   */
-  const cancelOrLocate = (jobId: string, reason: string) =>
-    sql<{ cancelled: boolean; status: string; attempts: number; node_id: string | null; worker_id: string | null; alive: boolean }>`
+    /**
+     * A cancel request in one round trip: a queued job is cancelled in its row (with its event
+     * and callback); otherwise the job's owner is returned, for the cancel to be routed there.
+     */
+    const cancelOrLocate = (jobId: string, reason: string) =>
+      sql<{
+        cancelled: boolean
+        status: string
+        attempts: number
+        node_id: string | null
+        worker_id: string | null
+        alive: boolean
+      }>`
       WITH j AS (
         UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
           error_code = 'CANCELLED', error_message = ${reason}::text
@@ -397,11 +429,18 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       SELECT false, o.status, o.attempts, o.node_id, o.worker_id,
         (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)})
       FROM gh_automation_jobs o LEFT JOIN nodes n ON n.id = o.node_id
-      WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+      WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)`.withoutTransform.pipe(
+        Effect.map((rows) => rows[0])
+      )
 
-  /** Pause the attempt for a human: status, interaction, event and callback. */
-  const needsHuman = (jobId: string, epoch: number, interaction: Interaction, metadata: Record<string, unknown>) =>
-    sql<{ event_id: string }>`
+    /** Pause the attempt for a human: status, interaction, event and callback. */
+    const needsHuman = (
+      jobId: string,
+      epoch: number,
+      interaction: Interaction,
+      metadata: Record<string, unknown>
+    ) =>
+      sql<{ event_id: string }>`
       WITH j AS (
         UPDATE gh_automation_jobs SET status = 'needs_human', interaction = ${JSON.stringify(interaction)}::jsonb,
           deadline_at = NULL, updated_at = now()
@@ -410,12 +449,12 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       )
       SELECT troupe_job_event(j.job, 'interaction_needed', ${interaction.message}::text, j.worker_id,
                ${JSON.stringify(metadata)}::jsonb, true)::text AS event_id FROM j`.withoutTransform.pipe(
-      Effect.map((rows) => rows.length > 0)
-    )
+        Effect.map((rows) => rows.length > 0)
+      )
 
-  /** Continue a paused attempt: back to running (with a fresh deadline), event and callback. */
-  const resumed = (jobId: string, epoch: number, message: string, metadata: Record<string, unknown>) =>
-    sql<{ event_id: string }>`
+    /** Continue a paused attempt: back to running (with a fresh deadline), event and callback. */
+    const resumed = (jobId: string, epoch: number, message: string, metadata: Record<string, unknown>) =>
+      sql<{ event_id: string }>`
       WITH j AS (
         UPDATE gh_automation_jobs SET status = 'running', interaction = NULL, updated_at = now(),
           deadline_at = CASE WHEN timeout_seconds IS NULL THEN NULL
@@ -425,20 +464,20 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       )
       SELECT troupe_job_event(j.job, 'interaction_resolved', ${message}::text, j.worker_id,
                ${JSON.stringify(metadata)}::jsonb, true)::text AS event_id FROM j`.withoutTransform.pipe(
-      Effect.map((rows) => rows.length > 0)
-    )
+        Effect.map((rows) => rows.length > 0)
+      )
 
-  /** A handler's report (step, thought, observation …): an event of the live attempt, no callback. */
-  const report = (
-    jobId: string,
-    epoch: number,
-    eventType: string,
-    message: string,
-    actor: string,
-    metadata: Record<string, unknown>,
-    cost?: unknown
-  ) =>
-    sql<{ id: string }>`
+    /** A handler's report (step, thought, observation …): an event of the live attempt, no callback. */
+    const report = (
+      jobId: string,
+      epoch: number,
+      eventType: string,
+      message: string,
+      actor: string,
+      metadata: Record<string, unknown>,
+      cost?: unknown
+    ) =>
+      sql<{ id: string }>`
       WITH live AS (
         SELECT id FROM gh_automation_jobs
         WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status IN ('running', 'needs_human')
@@ -452,30 +491,30 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       WHERE (SELECT count(*) FROM c) >= 0
       RETURNING id::text AS id`.withoutTransform.pipe(Effect.map((rows) => rows.length > 0))
 
-  /**
-   * Requeue, or fail, live jobs: those of dead nodes (lock gone or heartbeat older than
-   * `staleSeconds`) and those past their deadline by `graceSeconds` — or, with `only`, that
-   * one attempt (its owner gave up on it: a local timeout). `strict` jobs of a dead worker fail
-   * with WORKER_UNAVAILABLE; jobs out of attempts fail with MAX_ATTEMPTS (TIMEOUT when it
-   * was a timeout); the rest go back to the queue after a backoff. Returns what was done.
-   */
-  const reap = (options: {
-    readonly staleSeconds: number
-    readonly graceSeconds: number
-    readonly backoffBaseMs: number
-    readonly backoffMaxMs: number
-    readonly only?: { readonly jobId: string; readonly epoch: number }
-  }) => {
-    const onlyId = options.only?.jobId ?? null
-    const onlyEpoch = options.only?.epoch ?? null
-    return sql<{
-      id: string
-      status: string
-      error_code: string | null
-      prev_worker: string | null
-      run_in_ms: number
-      target_node: string | null
-    }>`
+    /**
+     * Requeue, or fail, live jobs: those of dead nodes (lock gone or heartbeat older than
+     * `staleSeconds`) and those past their deadline by `graceSeconds` — or, with `only`, that
+     * one attempt (its owner gave up on it: a local timeout). `strict` jobs of a dead worker fail
+     * with WORKER_UNAVAILABLE; jobs out of attempts fail with MAX_ATTEMPTS (TIMEOUT when it
+     * was a timeout); the rest go back to the queue after a backoff. Returns what was done.
+     */
+    const reap = (options: {
+      readonly staleSeconds: number
+      readonly graceSeconds: number
+      readonly backoffBaseMs: number
+      readonly backoffMaxMs: number
+      readonly only?: { readonly jobId: string; readonly epoch: number }
+    }) => {
+      const onlyId = options.only?.jobId ?? null
+      const onlyEpoch = options.only?.epoch ?? null
+      return sql<{
+        id: string
+        status: string
+        error_code: string | null
+        prev_worker: string | null
+        run_in_ms: number
+        target_node: string | null
+      }>`
       WITH cand AS (
         SELECT j.id, j.worker_id AS prev_worker, j.node_id AS prev_node,
           CASE WHEN ${onlyId}::uuid IS NULL
@@ -543,14 +582,14 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
            AND w.status = 'active' AND (u.job).target_worker_id IN (w.worker_id, w.target_worker_id) LIMIT 1) AS target_node
       FROM upd u JOIN ev ON ev.id = u.id
       WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0`.withoutTransform
-  }
+    }
 
-  /**
-   * Workers whose node is gone (lock released or heartbeat stale) go `offline`; the strict
-   * jobs queued for them fail with WORKER_UNAVAILABLE, the preferred ones open to all.
-   */
-  const reapWorkers = (staleSeconds: number) =>
-    sql<{ worker_id: string }>`
+    /**
+     * Workers whose node is gone (lock released or heartbeat stale) go `offline`; the strict
+     * jobs queued for them fail with WORKER_UNAVAILABLE, the preferred ones open to all.
+     */
+    const reapWorkers = (staleSeconds: number) =>
+      sql<{ worker_id: string }>`
       WITH gone AS (
         SELECT w.worker_id, w.target_worker_id FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
         WHERE w.status IN ('active', 'draining')
@@ -568,17 +607,22 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         FROM off RETURNING 1
       )
       SELECT worker_id FROM off WHERE (SELECT count(*) FROM ev) >= 0`.withoutTransform.pipe(
-      Effect.tap((rows) =>
-        rows.length === 0 ? Effect.void : closeTarget(rows.map((r) => r.worker_id), "went offline")
+        Effect.tap((rows) =>
+          rows.length === 0
+            ? Effect.void
+            : closeTarget(
+                rows.map((r) => r.worker_id),
+                "went offline"
+              )
+        )
       )
-    )
 
-  /**
-   * A worker stops taking work: its queued strict jobs fail with WORKER_UNAVAILABLE, its
-   * queued preferred jobs open to everyone (and everyone is woken). Returns the failed ids.
-   */
-  const closeTarget = (workerIds: ReadonlyArray<string>, why: string) =>
-    sql<{ id: string }>`
+    /**
+     * A worker stops taking work: its queued strict jobs fail with WORKER_UNAVAILABLE, its
+     * queued preferred jobs open to everyone (and everyone is woken). Returns the failed ids.
+     */
+    const closeTarget = (workerIds: ReadonlyArray<string>, why: string) =>
+      sql<{ id: string }>`
       WITH ws AS (
         SELECT worker_id, target_worker_id FROM gh_worker_registry WHERE worker_id = ANY(${workerIds}::text[])
       ),
@@ -604,14 +648,15 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ev AS (SELECT f.id, troupe_job_event(f.job, 'job_failed', (f.job).error_message, NULL,
                                      jsonb_build_object('worker_id', NULL), true) AS e FROM failed f)
       SELECT ev.id::text AS id, pg_notify('jobs:any', 'opened') IS NULL AS woke FROM ev
-      UNION ALL SELECT NULL, pg_notify('jobs:any', 'opened') IS NULL FROM (SELECT count(*) AS n FROM opened) o WHERE o.n > 0`
-      .withoutTransform.pipe(Effect.map((rows) => rows.filter((r) => r.id !== null).map((r) => r.id)))
+      UNION ALL SELECT NULL, pg_notify('jobs:any', 'opened') IS NULL FROM (SELECT count(*) AS n FROM opened) o WHERE o.n > 0`.withoutTransform.pipe(
+        Effect.map((rows) => rows.filter((r) => r.id !== null).map((r) => r.id))
+      )
 
-  // --- Workers ---
+    // --- Workers ---
 
-  /** Register (or re-register) a worker as active on a node. */
-  const registerWorker = (w: WorkerRegistration) =>
-    sql`
+    /** Register (or re-register) a worker as active on a node. */
+    const registerWorker = (w: WorkerRegistration) =>
+      sql`
       WITH up AS (
         INSERT INTO gh_worker_registry (worker_id, status, target_worker_id, ec2_instance_id, ec2_ip, node_id,
           max_concurrent, registered_at, last_heartbeat, current_job_id, deregistered_at, deregister_reason)
@@ -634,9 +679,9 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         })}::jsonb
       FROM up`
 
-  /** A heartbeat: the row's timestamp and a `worker_heartbeat` event. */
-  const heartbeat = (workerId: string, metadata: Record<string, unknown>) =>
-    sql`
+    /** A heartbeat: the row's timestamp and a `worker_heartbeat` event. */
+    const heartbeat = (workerId: string, metadata: Record<string, unknown>) =>
+      sql`
       WITH up AS (
         UPDATE gh_worker_registry SET last_heartbeat = now() WHERE worker_id = ${workerId}::text AND status <> 'offline'
         RETURNING worker_id
@@ -644,15 +689,15 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
       SELECT worker_id, 'worker_heartbeat', '', ${JSON.stringify(metadata)}::jsonb FROM up`
 
-  /** Set a worker's status and write its event. */
-  const setWorkerStatus = (
-    workerId: string,
-    status: "active" | "draining" | "offline",
-    eventType: string,
-    message: string,
-    metadata: Record<string, unknown>
-  ) =>
-    sql<{ jobs_completed: number; jobs_failed: number; registered_at: Date }>`
+    /** Set a worker's status and write its event. */
+    const setWorkerStatus = (
+      workerId: string,
+      status: "active" | "draining" | "offline",
+      eventType: string,
+      message: string,
+      metadata: Record<string, unknown>
+    ) =>
+      sql<{ jobs_completed: number; jobs_failed: number; registered_at: Date }>`
       WITH up AS (
         UPDATE gh_worker_registry SET status = ${status}::text,
           deregistered_at = CASE WHEN ${status}::text = 'offline' THEN now() ELSE deregistered_at END,
@@ -669,11 +714,12 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
             'jobs_failed', jobs_failed, 'uptime_seconds', extract(epoch FROM now() - registered_at)::int)
         FROM up RETURNING 1
       )
-      SELECT jobs_completed, jobs_failed, registered_at FROM up WHERE (SELECT count(*) FROM ev) >= 0`.withoutTransform
+      SELECT jobs_completed, jobs_failed, registered_at FROM up WHERE (SELECT count(*) FROM ev) >= 0`
+        .withoutTransform
 
-  /** Workers a deregistration names, with whether their node is alive. */
-  const findWorkers = (by: { readonly workerId?: string; readonly targetWorkerId?: string }) =>
-    sql<{ worker_id: string; node_id: string | null; status: string; alive: boolean }>`
+    /** Workers a deregistration names, with whether their node is alive. */
+    const findWorkers = (by: { readonly workerId?: string; readonly targetWorkerId?: string }) =>
+      sql<{ worker_id: string; node_id: string | null; status: string; alive: boolean }>`
       SELECT w.worker_id, w.node_id, w.status,
         (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
       FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
@@ -681,64 +727,71 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
          OR (${by.targetWorkerId ?? null}::text IS NOT NULL AND w.target_worker_id = ${by.targetWorkerId ?? null}::text)
       ORDER BY w.worker_id`.withoutTransform
 
-  // --- Reading ---
+    // --- Reading ---
 
-  /** One job, or `undefined`. */
-  const get = (jobId: string) =>
-    sql<JobRow>`SELECT ${jobColumns("j")} FROM gh_automation_jobs j WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(
-      Effect.map((rows) => (rows[0] ? toJob(rows[0]) : undefined))
-    )
+    /** One job, or `undefined`. */
+    const get = (jobId: string) =>
+      sql<JobRow>`SELECT ${jobColumns("j")} FROM gh_automation_jobs j WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(
+        Effect.map((rows) => (rows[0] ? toJob(rows[0]) : undefined))
+      )
 
-  /** A job's owner: its status, attempt and whether its node is alive. */
-  const owner = (jobId: string) =>
-    sql<{ status: string; attempts: number; node_id: string | null; worker_id: string | null; alive: boolean }>`
+    /** A job's owner: its status, attempt and whether its node is alive. */
+    const owner = (jobId: string) =>
+      sql<{
+        status: string
+        attempts: number
+        node_id: string | null
+        worker_id: string | null
+        alive: boolean
+      }>`
       SELECT j.status, j.attempts, j.node_id, j.worker_id,
         (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
       FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
       WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
 
-  /** A job's events after `sinceId`, oldest first. */
-  const events = (jobId: string, sinceId = "0", limit = 1000) =>
-    sql<{
-      id: string
-      job_id: string
-      event_type: string
-      message: string
-      actor: string | null
-      metadata: unknown
-      created_at: Date
-    }>`SELECT id::text AS id, job_id::text AS job_id, event_type, message, actor, metadata, created_at
+    /** A job's events after `sinceId`, oldest first. */
+    const events = (jobId: string, sinceId = "0", limit = 1000) =>
+      sql<{
+        id: string
+        job_id: string
+        event_type: string
+        message: string
+        actor: string | null
+        metadata: unknown
+        created_at: Date
+      }>`SELECT id::text AS id, job_id::text AS job_id, event_type, message, actor, metadata, created_at
        FROM gh_job_events WHERE job_id = ${jobId}::uuid AND id > ${sinceId}::bigint ORDER BY id LIMIT ${limit}`
-      .withoutTransform
+        .withoutTransform
 
-  /** Send a NOTIFY. */
-  const notify = (channel: string, payload: string) => sql`SELECT pg_notify(${channel}, ${payload})`.pipe(Effect.asVoid)
+    /** Send a NOTIFY. */
+    const notify = (channel: string, payload: string) =>
+      sql`SELECT pg_notify(${channel}, ${payload})`.pipe(Effect.asVoid)
 
-  return {
-    notify,
-    insert,
-    targetState,
-    claim,
-    started,
-    finish,
-    finishMany,
-    insertMany,
-    cancelOrLocate,
-    needsHuman,
-    resumed,
-    report,
-    reap,
-    reapWorkers,
-    closeTarget,
-    closeOfflineTargets,
-    registerWorker,
-    heartbeat,
-    setWorkerStatus,
-    findWorkers,
-    get,
-    owner,
-    events
-  } as const
+    return {
+      notify,
+      insert,
+      targetState,
+      claim,
+      started,
+      finish,
+      finishMany,
+      insertMany,
+      cancelOrLocate,
+      needsHuman,
+      resumed,
+      report,
+      reap,
+      reapWorkers,
+      closeTarget,
+      closeOfflineTargets,
+      registerWorker,
+      heartbeat,
+      setWorkerStatus,
+      findWorkers,
+      get,
+      owner,
+      events
+    } as const
   })
 
 /** Create the storage functions over the current `SqlClient` (no prepared statements). */
@@ -777,9 +830,30 @@ export interface JobRow {
 
 const jobColumns = (alias: string) =>
   Statement.unsafeFragment(
-    ["id::text AS id", "valet_task_id", "job_type", "payload", "status", "target_worker_id", "worker_affinity",
-      "worker_id", "node_id", "priority", "attempts", "max_attempts", "timeout_seconds", "callback_url",
-      "interaction", "result", "error_code", "error_message", "cost", "created_at", "started_at", "finished_at"]
+    [
+      "id::text AS id",
+      "valet_task_id",
+      "job_type",
+      "payload",
+      "status",
+      "target_worker_id",
+      "worker_affinity",
+      "worker_id",
+      "node_id",
+      "priority",
+      "attempts",
+      "max_attempts",
+      "timeout_seconds",
+      "callback_url",
+      "interaction",
+      "result",
+      "error_code",
+      "error_message",
+      "cost",
+      "created_at",
+      "started_at",
+      "finished_at"
+    ]
       .map((c) => `${alias}.${c}`)
       .join(", ")
   )
@@ -793,4 +867,3 @@ export const toJob = (r: JobRow): Job => ({
 })
 
 const json = (value: unknown) => (value === undefined ? null : JSON.stringify(value))
-

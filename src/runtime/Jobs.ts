@@ -5,7 +5,7 @@
  * routed to the node that holds it. A request about a job nobody holds is settled in its
  * row (`UPDATE … WHERE status = 'queued'`), so it never needs a live owner.
  */
-import { SqlClient } from "@effect/sql"
+import type { SqlClient } from "@effect/sql"
 import { Config, Context, Duration, Effect, ParseResult, Schema, type Scope } from "effect"
 import * as JobActor from "../actors/JobActor.ts"
 import * as WorkerActor from "../actors/WorkerActor.ts"
@@ -51,7 +51,9 @@ export type JobRequestError = NotFound | Conflict | InvalidRequest | RequestTime
 
 /** The job service. */
 export interface JobService {
-  readonly submit: (input: unknown) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
+  readonly submit: (
+    input: unknown
+  ) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
   /**
    * Submit many jobs: all are validated first (one bad input stores nothing); `strict` ones
    * go first, one by one (each needs its target; a refusal fails the call there), then the
@@ -127,12 +129,14 @@ export const make = (
             case "ActorNotFound":
               if (jobId === undefined) return Effect.fail(new NotFound({ what: "actor", id: e.actorId }))
               // The job ended (its actor left the registry) between our read and our ask.
-              return Effect.flatMap(Effect.orElseSucceed(storage.owner(jobId), () => undefined), (now) =>
-                Effect.fail(
-                  now === undefined
-                    ? new NotFound({ what: "job", id: jobId })
-                    : new Conflict({ job_id: jobId, status: now.status, reason: "it ended meanwhile" })
-                )
+              return Effect.flatMap(
+                Effect.orElseSucceed(storage.owner(jobId), () => undefined),
+                (now) =>
+                  Effect.fail(
+                    now === undefined
+                      ? new NotFound({ what: "job", id: jobId })
+                      : new Conflict({ job_id: jobId, status: now.status, reason: "it ended meanwhile" })
+                  )
               )
             default:
               return Effect.fail(new PersistenceError({ reason: (e as Error).message ?? String(e) }))
@@ -163,11 +167,9 @@ export const make = (
         }
         if (job.worker_affinity === "preferred" && preferredWaitMs > 0) {
           // When the target does not take it in time, everyone is woken to.
-          yield* storage.notify(JobStorage.anyJobsChannel, row.id).pipe(
-            Effect.delay(Duration.millis(preferredWaitMs + 5)),
-            Effect.ignore,
-            Effect.forkIn(scope)
-          )
+          yield* storage
+            .notify(JobStorage.anyJobsChannel, row.id)
+            .pipe(Effect.delay(Duration.millis(preferredWaitMs + 5)), Effect.ignore, Effect.forkIn(scope))
         }
         return JobStorage.toJob(row)
       })
@@ -181,7 +183,9 @@ export const make = (
         )
         const bad = decoded.findIndex((j) => j.worker_affinity !== "any" && j.target_worker_id === null)
         if (bad >= 0) {
-          return yield* new InvalidRequest({ reason: `job ${bad}: worker_affinity "${decoded[bad]!.worker_affinity}" needs a target_worker_id` })
+          return yield* new InvalidRequest({
+            reason: `job ${bad}: worker_affinity "${decoded[bad]!.worker_affinity}" needs a target_worker_id`
+          })
         }
         // Strict jobs first, one by one: they are the ones a busy target can refuse, and a
         // refusal then fails the call before the rest is stored.
@@ -189,20 +193,23 @@ export const make = (
         for (const j of decoded) if (j.worker_affinity === "strict") out.push(yield* submit(j))
         const loose = decoded.filter((j) => j.worker_affinity !== "strict")
         for (let i = 0; i < loose.length; i += 5000) {
-          const rows = yield* storage.insertMany(loose.slice(i, i + 5000), preferredWaitMs).pipe(Effect.mapError(persistence))
+          const rows = yield* storage
+            .insertMany(loose.slice(i, i + 5000), preferredWaitMs)
+            .pipe(Effect.mapError(persistence))
           for (const row of rows) out.push(JobStorage.toJob(row))
         }
         if (loose.some((j) => j.worker_affinity === "preferred") && preferredWaitMs > 0) {
-          yield* storage.notify(JobStorage.anyJobsChannel, "opened").pipe(
-            Effect.delay(Duration.millis(preferredWaitMs + 5)),
-            Effect.ignore,
-            Effect.forkIn(scope)
-          )
+          yield* storage
+            .notify(JobStorage.anyJobsChannel, "opened")
+            .pipe(Effect.delay(Duration.millis(preferredWaitMs + 5)), Effect.ignore, Effect.forkIn(scope))
         }
         return out
       })
 
-    const cancel = (jobId: string, reason = "cancelled by request"): Effect.Effect<JobState, JobRequestError> =>
+    const cancel = (
+      jobId: string,
+      reason = "cancelled by request"
+    ): Effect.Effect<JobState, JobRequestError> =>
       Effect.gen(function* () {
         yield* checkId(jobId)
         const owner = yield* storage.cancelOrLocate(jobId, reason).pipe(Effect.mapError(persistence))
@@ -215,7 +222,7 @@ export const make = (
         return yield* node
           .ref(JobActor.kind(noRuns), jobId)
           .ask(new JobActor.Cancel({ reason }), { timeout: askTimeout })
-            .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
+          .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
       })
 
     const resume = (jobId: string, input: unknown) =>
@@ -225,7 +232,11 @@ export const make = (
         const owner = yield* storage.owner(jobId).pipe(Effect.mapError(persistence))
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
         if (owner.status !== "needs_human") {
-          return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it is not waiting for a human" })
+          return yield* new Conflict({
+            job_id: jobId,
+            status: owner.status,
+            reason: "it is not waiting for a human"
+          })
         }
         if (!owner.alive) {
           return yield* new Conflict({
@@ -237,7 +248,7 @@ export const make = (
         return yield* node
           .ref(JobActor.kind(noRuns), jobId)
           .ask(new JobActor.Resume({ resolution }), { timeout: askTimeout })
-            .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
+          .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
       })
 
     const get = (jobId: string) =>
@@ -251,7 +262,8 @@ export const make = (
     const events = (jobId: string, sinceId = "0") =>
       Effect.gen(function* () {
         yield* get(jobId)
-        if (!/^\d{1,18}$/.test(sinceId)) return yield* new InvalidRequest({ reason: "since_event_id must be a number" })
+        if (!/^\d{1,18}$/.test(sinceId))
+          return yield* new InvalidRequest({ reason: "since_event_id must be a number" })
         const rows = yield* storage.events(jobId, sinceId).pipe(Effect.mapError(persistence))
         return rows.map((r) => ({ ...r, created_at: r.created_at.toISOString() }))
       })
@@ -289,7 +301,10 @@ export const make = (
           .findWorkers({ workerId: request.worker_id, targetWorkerId: request.target_worker_id })
           .pipe(Effect.mapError(persistence))
         if (found.length === 0) {
-          return yield* new NotFound({ what: "worker", id: request.worker_id ?? request.target_worker_id ?? "" })
+          return yield* new NotFound({
+            what: "worker",
+            id: request.worker_id ?? request.target_worker_id ?? ""
+          })
         }
         const results = yield* Effect.forEach(
           found,
@@ -318,9 +333,15 @@ export const make = (
     /** A worker whose node is gone: settle it in its rows (its running jobs are the reaper's). */
     const offlineDeregister = (workerId: string, reason: string) =>
       Effect.gen(function* () {
-        yield* storage.setWorkerStatus(workerId, "offline", "worker_deregistered", `Deregistered: ${reason}`, {
-          reason
-        })
+        yield* storage.setWorkerStatus(
+          workerId,
+          "offline",
+          "worker_deregistered",
+          `Deregistered: ${reason}`,
+          {
+            reason
+          }
+        )
         yield* storage.closeTarget([workerId], "was deregistered")
         return { worker_ids: [workerId], cancelled_job_ids: [] } satisfies DeregisterResult
       }).pipe(Effect.mapError(persistence))

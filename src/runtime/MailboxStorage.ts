@@ -67,7 +67,9 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
      * transaction). Returns the message ids that were inserted, with their node.
      */
     const insert = (rows: ReadonlyArray<OutboundRow>) =>
-      hot("troupe_mailbox_insert", sql<{ message_id: string; node_id: string }>`
+      hot(
+        "troupe_mailbox_insert",
+        sql<{ message_id: string; node_id: string }>`
         WITH input AS (
           SELECT * FROM unnest(
             ${rows.map((r) => r.messageId)}::uuid[], ${rows.map((r) => r.actorId)}::text[],
@@ -101,7 +103,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
             FROM ins i WHERE p.n <= ${wakeupMaxRows} AND i.node_id = p.node_id
           ) w ON true
         )
-        SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`)
+        SELECT ins.message_id::text AS message_id, ins.node_id FROM ins, woken`
+      )
 
     /** Which of these actor ids are registered (to tell a retried insert from an unknown actor). */
     const registered = (actorIds: ReadonlyArray<string>) =>
@@ -113,25 +116,31 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
 
     /** Claim up to `limit` unclaimed rows of a node under a fresh claim token, oldest first. */
     const claim = (nodeId: string, token: string, limit: number) =>
-      hot("troupe_mailbox_claim", sql<InboundRow>`
+      hot(
+        "troupe_mailbox_claim",
+        sql<InboundRow>`
         UPDATE actor_mailbox m SET claim = ${token}::uuid
         WHERE m.id IN (
           SELECT id FROM actor_mailbox WHERE node_id = ${nodeId} AND claim IS NULL
           ORDER BY id LIMIT ${limit} FOR UPDATE SKIP LOCKED
         )
         RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
-                  m.correlation_id::text AS correlation_id, m.body`).pipe(Effect.map((rows) => [...rows].sort(byId)))
+                  m.correlation_id::text AS correlation_id, m.body`
+      ).pipe(Effect.map((rows) => [...rows].sort(byId)))
 
     /**
      * Claim the given rows of a node under a fresh claim token (those still unclaimed: a row
      * already claimed or acknowledged is left out), by primary key.
      */
     const claimIds = (nodeId: string, token: string, ids: ReadonlyArray<string>) =>
-      hot("troupe_mailbox_claim_ids", sql<InboundRow>`
+      hot(
+        "troupe_mailbox_claim_ids",
+        sql<InboundRow>`
         UPDATE actor_mailbox m SET claim = ${token}::uuid
         WHERE m.id = ANY(${ids}::bigint[]) AND m.node_id = ${nodeId} AND m.claim IS NULL
         RETURNING m.id::text AS id, m.message_id::text AS message_id, m.actor_id, m.kind, m.sender, m.reply_to,
-                  m.correlation_id::text AS correlation_id, m.body`).pipe(Effect.map((rows) => [...rows].sort(byId)))
+                  m.correlation_id::text AS correlation_id, m.body`
+      ).pipe(Effect.map((rows) => [...rows].sort(byId)))
 
     /** Give claims back: those under the given tokens, or (no tokens) every claim of the node. */
     const release = (nodeId: string, tokens?: ReadonlyArray<string>) =>
@@ -177,7 +186,18 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     const trimLog = (olderThanSeconds: number) =>
       sql`DELETE FROM actor_message_log WHERE handled_at < now() - make_interval(secs => ${olderThanSeconds})`
 
-    return { insert, registered, claim, claimIds, release, unclaim, ack, forward, deadLetter, trimLog } as const
+    return {
+      insert,
+      registered,
+      claim,
+      claimIds,
+      release,
+      unclaim,
+      ack,
+      forward,
+      deadLetter,
+      trimLog
+    } as const
   })
 
 /** Create the storage functions over the current `SqlClient` (every statement unnamed). */

@@ -29,7 +29,12 @@ export interface Options {
 
 /** Counters of the reaper. */
 export interface Reaper {
-  readonly stats: () => { readonly rounds: number; readonly requeued: number; readonly failed: number; readonly workersOffline: number }
+  readonly stats: () => {
+    readonly rounds: number
+    readonly requeued: number
+    readonly failed: number
+    readonly workersOffline: number
+  }
   readonly holdsLease: () => boolean
 }
 

@@ -9,7 +9,7 @@
  * is stopped. Stopping the worker (closing its scope) abandons running jobs without a
  * write: the reaper sees the node gone and requeues or fails them, as after a crash.
  */
-import { SqlClient } from "@effect/sql"
+import type { SqlClient } from "@effect/sql"
 import {
   Cause,
   Deferred,
@@ -167,7 +167,8 @@ export const make = (
                 Effect.logError(`worker ${workerId}: could not record the end of ${items.length} job(s)`, e),
                 Effect.forEach(items, (i) => Deferred.succeed(i.done, false), { discard: true })
               ),
-            onSuccess: (ended) => Effect.forEach(items, (i) => Deferred.succeed(i.done, ended.has(i.jobId)), { discard: true })
+            onSuccess: (ended) =>
+              Effect.forEach(items, (i) => Deferred.succeed(i.done, ended.has(i.jobId)), { discard: true })
           })
         )
       }),
@@ -236,7 +237,8 @@ export const make = (
         run.timer = yield* Effect.sleep(Duration.seconds(seconds)).pipe(
           Effect.zipRight(
             Effect.suspend(() => {
-              if (run.status !== "running" || run.stop !== undefined || run.fiber === undefined) return Effect.void
+              if (run.status !== "running" || run.stop !== undefined || run.fiber === undefined)
+                return Effect.void
               run.stop = { _tag: "Timeout" }
               return Fiber.interrupt(run.fiber)
             })
@@ -282,7 +284,10 @@ export const make = (
           Effect.gen(function* () {
             const ok = yield* storage
               .needsHuman(run.id, run.epoch, interaction, metadataOf(run, { interaction }))
-              .pipe(Effect.retry(retryWrites), Effect.orElseSucceed(() => false))
+              .pipe(
+                Effect.retry(retryWrites),
+                Effect.orElseSucceed(() => false)
+              )
             if (ok) {
               run.status = "needs_human"
               run.resume = resume
@@ -324,7 +329,10 @@ export const make = (
               backoffMaxMs: 30_000,
               only: { jobId: run.id, epoch: run.epoch }
             })
-            .pipe(Effect.retry(retryWrites), Effect.orElseSucceed(() => []))
+            .pipe(
+              Effect.retry(retryWrites),
+              Effect.orElseSucceed(() => [])
+            )
           const done = reaped[0]
           if (done?.status === "failed") counters.failed++
           if (done?.status === "queued") yield* wakeLater(storage, done.run_in_ms)
@@ -453,7 +461,9 @@ export const make = (
           for (const row of rows) yield* start(row, ready)
           yield* storage.started(registration, rows).pipe(
             Effect.retry(retryWrites),
-            Effect.catchAll((e) => Effect.logWarning(`worker ${workerId}: job_started of ${rows.length} job(s) not written`, e)),
+            Effect.catchAll((e) =>
+              Effect.logWarning(`worker ${workerId}: job_started of ${rows.length} job(s) not written`, e)
+            ),
             Effect.ensuring(Deferred.succeed(ready, undefined)),
             FiberSet.run(writers)
           )
@@ -534,12 +544,19 @@ export const make = (
           })
           .pipe(Effect.orDie)
         if (written === undefined) {
-          return yield* new Conflict({ job_id: jobId, status: "changed", reason: "it changed while cancelling" })
+          return yield* new Conflict({
+            job_id: jobId,
+            status: "changed",
+            reason: "it changed while cancelling"
+          })
         }
         return stateOf(jobId, "cancelled", owner.worker_id)
       })
 
-    const resume = (jobId: string, resolution: Resolution): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
+    const resume = (
+      jobId: string,
+      resolution: Resolution
+    ): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
       Effect.gen(function* () {
         const run = runs.get(jobId)
         if (run === undefined) {
@@ -548,13 +565,20 @@ export const make = (
           return yield* new Conflict({
             job_id: jobId,
             status: owner.status,
-            reason: owner.status === "needs_human" ? "no handler is waiting for it any more" : "it is not waiting for a human"
+            reason:
+              owner.status === "needs_human"
+                ? "no handler is waiting for it any more"
+                : "it is not waiting for a human"
           })
         }
         return yield* run.lock.withPermits(1)(
           Effect.gen(function* () {
             if (run.status !== "needs_human" || run.resume === undefined) {
-              return yield* new Conflict({ job_id: jobId, status: run.status, reason: "it is not waiting for a human" })
+              return yield* new Conflict({
+                job_id: jobId,
+                status: run.status,
+                reason: "it is not waiting for a human"
+              })
             }
             const ok = yield* storage
               .resumed(
@@ -564,7 +588,8 @@ export const make = (
                 metadataOf(run, { resolved_by: resolution.resolved_by })
               )
               .pipe(Effect.orDie)
-            if (!ok) return yield* new Conflict({ job_id: jobId, status: "changed", reason: "it changed meanwhile" })
+            if (!ok)
+              return yield* new Conflict({ job_id: jobId, status: "changed", reason: "it changed meanwhile" })
             run.status = "running"
             yield* Deferred.succeed(run.resume, resolution)
             run.resume = undefined
@@ -589,7 +614,10 @@ export const make = (
         )
         if (request.cancel_active_jobs) yield* cancelAll
         else {
-          yield* idle.await.pipe(Effect.timeout(Duration.seconds(request.drain_timeout_seconds)), Effect.ignore)
+          yield* idle.await.pipe(
+            Effect.timeout(Duration.seconds(request.drain_timeout_seconds)),
+            Effect.ignore
+          )
           yield* cancelAll
         }
         state = "offline"
@@ -628,7 +656,9 @@ export const make = (
       Effect.timeoutOption(pollInterval),
       Effect.zipRight(claimAll),
       Effect.catchAllCause((cause) =>
-        Cause.isInterruptedOnly(cause) ? Effect.failCause(cause) : Effect.logError(`worker ${workerId}: claim loop`, cause)
+        Cause.isInterruptedOnly(cause)
+          ? Effect.failCause(cause)
+          : Effect.logError(`worker ${workerId}: claim loop`, cause)
       ),
       Effect.forever,
       Effect.interruptible,
@@ -659,7 +689,9 @@ export const make = (
         yield* FiberSet.clear(fibers)
         if (state !== "offline") {
           yield* storage
-            .setWorkerStatus(workerId, "offline", "worker_deregistered", "Worker stopped", { reason: "shutdown" })
+            .setWorkerStatus(workerId, "offline", "worker_deregistered", "Worker stopped", {
+              reason: "shutdown"
+            })
             .pipe(Effect.timeout("5 seconds"), Effect.ignore)
           yield* storage.closeTarget([workerId], "stopped").pipe(Effect.timeout("5 seconds"), Effect.ignore)
         }
@@ -674,9 +706,6 @@ const firstLine = (text: string) => text.split("\n")[0]!.slice(0, 500)
 
 /** Wake every worker once a requeued job's backoff has passed (in the background). */
 export const wakeLater = (storage: JobStorage.JobStorage, afterMs: number) =>
-  storage.notify(JobStorage.anyJobsChannel, "retry").pipe(
-    Effect.delay(Duration.millis(afterMs + 5)),
-    Effect.ignore,
-    Effect.forkDaemon,
-    Effect.asVoid
-  )
+  storage
+    .notify(JobStorage.anyJobsChannel, "retry")
+    .pipe(Effect.delay(Duration.millis(afterMs + 5)), Effect.ignore, Effect.forkDaemon, Effect.asVoid)

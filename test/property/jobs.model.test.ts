@@ -62,7 +62,8 @@ type Cmd = fc.AsyncCommand<Model, Real>
 const workerIds = (prefix: string) => [0, 1, 2].map((i) => `${prefix}-w${i}`)
 
 /** Jobs a worker holds now (running or waiting for a human). */
-const held = (m: Model, w: string) => m.jobs.filter((j) => j.worker === w && (j.status === "running" || j.status === "needs_human"))
+const held = (m: Model, w: string) =>
+  m.jobs.filter((j) => j.worker === w && (j.status === "running" || j.status === "needs_human"))
 
 const eligible = (j: MJob, w: MWorker) =>
   j.affinity === "any" || j.target === w.id || (j.affinity === "preferred" && j.open)
@@ -78,11 +79,18 @@ class Submit implements Cmd {
   async run(m: Model, r: Real) {
     const target = this.affinity === "any" ? null : m.workers[this.targetIndex]!
     const key = Crypto.randomUUID()
-    const input = { job_type: "ctl", payload: { key }, worker_affinity: this.affinity, target_worker_id: target?.id ?? null }
+    const input = {
+      job_type: "ctl",
+      payload: { key },
+      worker_affinity: this.affinity,
+      target_worker_id: target?.id ?? null
+    }
     const exit = await r.run(Effect.exit(r.jobs.submit(input)))
     if (this.affinity === "strict") {
       const t = target!
-      const load = held(m, t.id).length + m.jobs.filter((j) => j.status === "queued" && j.affinity === "strict" && j.target === t.id).length
+      const load =
+        held(m, t.id).length +
+        m.jobs.filter((j) => j.status === "queued" && j.affinity === "strict" && j.target === t.id).length
       const accept = t.alive && t.status === "active" && load < 1
       expect(
         Exit.isSuccess(exit),
@@ -129,7 +137,11 @@ class Steer implements Cmd {
     await r.run(
       command(
         j.key,
-        this.action === "needs_human" ? { _tag: "needs_human", timeoutSeconds: 3600 } : this.action === "fail" ? { _tag: "fail", code: "BOOM" } : { _tag: "complete" }
+        this.action === "needs_human"
+          ? { _tag: "needs_human", timeoutSeconds: 3600 }
+          : this.action === "fail"
+            ? { _tag: "fail", code: "BOOM" }
+            : { _tag: "complete" }
       )
     )
     if (this.action === "complete") j.status = "completed"
@@ -150,7 +162,8 @@ class Cancel implements Cmd {
     const owner = j.worker
     const exit = await r.run(Effect.exit(r.jobs.cancel(j.id, "model cancel")))
     if (live(j.status)) {
-      if (Exit.isFailure(exit)) throw new Error(`cancel of ${j.status} job failed: ${JSON.stringify(exit.cause)}`)
+      if (Exit.isFailure(exit))
+        throw new Error(`cancel of ${j.status} job failed: ${JSON.stringify(exit.cause)}`)
       expect(exit.value.status).toBe("cancelled")
       if (j.status !== "queued") {
         // Handled by the actor on the node that holds the job, which interrupted the handler.
@@ -224,7 +237,9 @@ class Restart implements Cmd {
     const w = m.workers[this.w]!
     r.generation[this.w]! += 1
     r.nodes[this.w] = await r.run(
-      startWorker(`${r.prefix}-n${this.w}-g${r.generation[this.w]}`, { workerId: w.id }).pipe(Scope.extend(r.scope))
+      startWorker(`${r.prefix}-n${this.w}-g${r.generation[this.w]}`, { workerId: w.id }).pipe(
+        Scope.extend(r.scope)
+      )
     )
     w.alive = true
     w.status = "active"
@@ -252,9 +267,16 @@ class Deregister implements Cmd {
   check = (m: Readonly<Model>) => m.workers[this.w]!.alive && m.workers[this.w]!.status !== "offline"
   async run(m: Model, r: Real) {
     const w = m.workers[this.w]!
-    const expected = held(m, w.id).map((j) => j.id).sort()
+    const expected = held(m, w.id)
+      .map((j) => j.id)
+      .sort()
     const result = await r.run(
-      r.jobs.deregister({ worker_id: w.id, reason: "model", cancel_active_jobs: true, drain_timeout_seconds: 0 })
+      r.jobs.deregister({
+        worker_id: w.id,
+        reason: "model",
+        cancel_active_jobs: true,
+        drain_timeout_seconds: 0
+      })
     )
     expect([...result.cancelled_job_ids].sort()).toEqual(expected)
     for (const j of held(m, w.id)) {
@@ -306,11 +328,14 @@ const settle = async (m: Model, r: Real) => {
     eventually(
       Effect.gen(function* () {
         const sql = yield* SqlClient.SqlClient
-        const rows = yield* sql<Row>`SELECT id::text, status, worker_id, error_code, attempts FROM gh_automation_jobs
+        const rows =
+          yield* sql<Row>`SELECT id::text, status, worker_id, error_code, attempts FROM gh_automation_jobs
           WHERE id = ANY(${ids}::uuid[])`
         const byId = new Map(rows.map((row) => [row.id, row]))
         const busy = new Set(
-          rows.filter((row) => row.status === "running" || row.status === "needs_human").map((row) => row.worker_id)
+          rows
+            .filter((row) => row.status === "running" || row.status === "needs_human")
+            .map((row) => row.worker_id)
         )
         const idle = m.workers.filter((w) => w.alive && w.status === "active" && !busy.has(w.id))
         for (const j of m.jobs) {
@@ -338,7 +363,9 @@ const settle = async (m: Model, r: Real) => {
   const byId = new Map(rows.map((row) => [row.id, row]))
   for (const j of m.jobs) {
     const row = byId.get(j.id)!
-    expect(row.status, `job ${j.id} (${j.affinity} → ${j.target})`).toBe(j.status === "queued" && row.status === "running" ? "running" : j.status)
+    expect(row.status, `job ${j.id} (${j.affinity} → ${j.target})`).toBe(
+      j.status === "queued" && row.status === "running" ? "running" : j.status
+    )
     if (j.status === "queued" && row.status === "running") {
       // Claimed: by someone allowed to, with room for it.
       const w = m.workers.find((w) => w.id === row.worker_id)!
@@ -363,9 +390,15 @@ const settle = async (m: Model, r: Real) => {
 }
 
 const commands = [
-  fc.tuple(fc.constantFrom<Affinity>("strict", "preferred", "any"), fc.nat(2)).map(([a, t]) => new Submit(a, t)),
-  fc.tuple(fc.constantFrom<Affinity>("strict", "preferred", "any"), fc.nat(2)).map(([a, t]) => new Submit(a, t)),
-  fc.tuple(fc.constantFrom("complete" as const, "fail" as const, "needs_human" as const), fc.nat()).map(([a, n]) => new Steer(a, n)),
+  fc
+    .tuple(fc.constantFrom<Affinity>("strict", "preferred", "any"), fc.nat(2))
+    .map(([a, t]) => new Submit(a, t)),
+  fc
+    .tuple(fc.constantFrom<Affinity>("strict", "preferred", "any"), fc.nat(2))
+    .map(([a, t]) => new Submit(a, t)),
+  fc
+    .tuple(fc.constantFrom("complete" as const, "fail" as const, "needs_human" as const), fc.nat())
+    .map(([a, n]) => new Steer(a, n)),
   fc.nat().map((n) => new Steer("complete", n)),
   fc.nat().map((n) => new Cancel(n)),
   fc.nat().map((n) => new Resume(n)),
@@ -396,7 +429,9 @@ describe("job lifecycle model", () => {
                   )
                   const nodes: Array<WorkerNode | undefined> = []
                   for (const [i, id] of workerIds(prefix).entries()) {
-                    nodes.push(await run(startWorker(`${prefix}-n${i}-g0`, { workerId: id }).pipe(Scope.extend(scope))))
+                    nodes.push(
+                      await run(startWorker(`${prefix}-n${i}-g0`, { workerId: id }).pipe(Scope.extend(scope)))
+                    )
                   }
                   const model: Model = {
                     workers: workerIds(prefix).map((id) => ({ id, alive: true, status: "active" as const })),
