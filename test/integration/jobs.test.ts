@@ -6,7 +6,8 @@ import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
 import * as CallbackDispatcher from "../../src/runtime/CallbackDispatcher.ts"
 import * as Db from "../fixtures/Db.ts"
-import { command, eventually, slot, startedOf, startGateway, startWorker } from "../fixtures/Jobs.ts"
+import { command, eventually, gate, slot, startedOf, startGateway, startWorker } from "../fixtures/Jobs.ts"
+import * as JobStorage from "../../src/runtime/JobStorage.ts"
 
 const key = () => Crypto.randomUUID()
 
@@ -646,6 +647,46 @@ describe("jobs and workers", () => {
             expect(failed.error_code).toBe("WORKER_UNAVAILABLE")
           }
         })
+    )
+
+    it.scoped("a stale owner's late end is rejected: the attempt number fences it", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw16")
+        const a = yield* startWorker("n16a")
+        const k = key()
+        const job = yield* jobs.submit({
+          job_type: "gated",
+          payload: { key: k },
+          worker_affinity: "preferred",
+          target_worker_id: "w-n16a"
+        })
+        expect(yield* Deferred.await(gate(k, 1).started)).toBe("w-n16a")
+        // The system gives up on attempt 1 while its worker still runs it (as after a partition).
+        const storage = yield* JobStorage.make
+        yield* storage.reap({
+          staleSeconds: 30,
+          graceSeconds: 0,
+          backoffBaseMs: 0,
+          backoffMaxMs: 0,
+          only: { jobId: job.id, epoch: 1 }
+        })
+        yield* startWorker("n16b")
+        yield* sql`SELECT pg_notify('jobs:any', 'test')`
+        expect(yield* Deferred.await(gate(k, 2).started)).toBe("w-n16b")
+        // Attempt 1 ends late: its write must change nothing.
+        yield* Deferred.succeed(gate(k, 1).open, undefined)
+        // Worker A has tried to record its end and let the run go.
+        yield* eventually(Effect.sync(() => (a.worker.runningJobIds().includes(job.id) ? undefined : true)))
+        const mid = yield* statusOf(job.id)
+        expect(mid).toMatchObject({ status: "running", worker_id: "w-n16b", attempts: 2 })
+        yield* Deferred.succeed(gate(k, 2).open, undefined)
+        yield* statusIs(job.id, "completed")
+        expect((yield* jobs.get(job.id)).result).toEqual({ worker: "w-n16b", attempt: 2 })
+        const completions = (yield* eventsOf(job.id)).filter((e) => e.event_type === "job_completed")
+        expect(completions.length).toBe(1)
+        expect(completions[0]!.actor).toBe("w-n16b")
+      })
     )
 
     it.scoped("bad submissions get typed errors and nothing is stored", () =>
