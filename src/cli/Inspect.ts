@@ -9,6 +9,7 @@ import { Console, Data, Duration, Effect, Layer, Option, Redacted, Schema } from
 import * as Crypto from "node:crypto"
 import pg from "pg"
 import { ActorId } from "../protocol/Ids.ts"
+import { JobStatus } from "../protocol/Jobs.ts"
 import { DatabaseUrls, describe } from "../runtime/Database.ts"
 import * as EmbeddedPostgres from "../runtime/EmbeddedPostgres.ts"
 import * as MailboxStorage from "../runtime/MailboxStorage.ts"
@@ -443,7 +444,7 @@ const tailCommand = Command.make(
 // --- jobs ---
 
 /** The statuses a job can be in (the CHECK of `gh_automation_jobs.status`, migration 3). */
-const jobStatuses = ["queued", "running", "needs_human", "completed", "failed", "cancelled"] as const
+const jobStatuses: ReadonlyArray<string> = JobStatus.literals
 
 const jobsCommand = Command.make(
   "jobs",
@@ -465,7 +466,7 @@ const jobsCommand = Command.make(
   ({ json, status, worker, limit }) =>
     Effect.gen(function* () {
       const only = Option.getOrNull(status)
-      if (only !== null && !(jobStatuses as ReadonlyArray<string>).includes(only)) {
+      if (only !== null && !jobStatuses.includes(only)) {
         return yield* new InspectError({
           message: `--status "${only}" is not a job status: use one of ${jobStatuses.join(", ")}`
         })
