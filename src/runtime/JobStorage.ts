@@ -150,7 +150,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     const closeOfflineTargets = sql<{ worker_id: string }>`
       SELECT DISTINCT w.worker_id FROM gh_automation_jobs j
       JOIN gh_worker_registry w ON j.target_worker_id IN (w.worker_id, w.target_worker_id)
-      WHERE j.status = 'queued' AND w.status = 'offline'
+      WHERE j.status = 'queued' AND w.status <> 'active'
         AND (j.worker_affinity = 'strict' OR (j.worker_affinity = 'preferred' AND (j.open_at IS NULL OR j.open_at > now())))`.withoutTransform.pipe(
       Effect.flatMap((rows) =>
         rows.length === 0
@@ -311,7 +311,13 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
      */
     const finishMany = (
       workerId: string,
-      items: ReadonlyArray<{ readonly jobId: string; readonly epoch: number; readonly outcome: Outcome }>
+      items: ReadonlyArray<{
+        readonly jobId: string
+        readonly epoch: number
+        readonly outcome: Outcome
+        /** The attempt's cost so far, written with its end (reports may have missed some). */
+        readonly cost?: unknown
+      }>
     ) =>
       hot(
         "troupe_job_finish_many",
@@ -320,13 +326,14 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         SELECT * FROM unnest(
           ${items.map((i) => i.jobId)}::uuid[], ${items.map((i) => i.epoch)}::int[],
           ${items.map((i) => i.outcome.status)}::text[], ${items.map((i) => json(i.outcome.result))}::jsonb[],
-          ${items.map((i) => i.outcome.errorCode ?? null)}::text[], ${items.map((i) => i.outcome.errorMessage ?? null)}::text[],
+          ${items.map((i) => i.outcome.errorCode ?? null)}::text[], ${items.map((i) => text(i.outcome.errorMessage))}::text[],
           ${items.map((i) => i.outcome.eventType)}::text[], ${items.map((i) => i.outcome.message)}::text[],
-          ${items.map((i) => JSON.stringify(i.outcome.metadata))}::jsonb[]
-        ) AS u(id, epoch, status, result, error_code, error_message, event_type, event_message, metadata)
+          ${items.map((i) => json(i.outcome.metadata))}::jsonb[], ${items.map((i) => json(i.cost))}::jsonb[]
+        ) AS u(id, epoch, status, result, error_code, error_message, event_type, event_message, metadata, cost)
       ),
       j AS (
         UPDATE gh_automation_jobs g SET status = i.status, result = i.result, error_code = i.error_code,
+          cost = coalesce(i.cost, g.cost),
           error_message = i.error_message, finished_at = now(), updated_at = now(), interaction = NULL, deadline_at = NULL
         FROM input i
         WHERE g.id = i.id AND g.attempts = i.epoch AND g.status IN ('running', 'needs_human')
@@ -504,9 +511,12 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       readonly backoffBaseMs: number
       readonly backoffMaxMs: number
       readonly only?: { readonly jobId: string; readonly epoch: number }
+      /** All live jobs of this node, held by an earlier process with the node's id. */
+      readonly deadNode?: string
     }) => {
       const onlyId = options.only?.jobId ?? null
       const onlyEpoch = options.only?.epoch ?? null
+      const deadNode = options.deadNode ?? null
       return sql<{
         id: string
         status: string
@@ -518,12 +528,13 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       WITH cand AS (
         SELECT j.id, j.worker_id AS prev_worker, j.node_id AS prev_node,
           CASE WHEN ${onlyId}::uuid IS NULL
-                    AND (n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
+                    AND (${deadNode}::text IS NOT NULL OR n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
                          OR n.last_heartbeat < now() - make_interval(secs => ${options.staleSeconds}::float8))
                THEN 'dead' ELSE 'timeout' END AS reason
         FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
         WHERE j.status IN ('running', 'needs_human')
           AND CASE WHEN ${onlyId}::uuid IS NOT NULL THEN j.id = ${onlyId}::uuid AND j.attempts = ${onlyEpoch}::int
+              WHEN ${deadNode}::text IS NOT NULL THEN j.node_id = ${deadNode}::text
               ELSE (n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
                     OR n.last_heartbeat < now() - make_interval(secs => ${options.staleSeconds}::float8))
                    OR (j.status = 'running' AND j.deadline_at < now() - make_interval(secs => ${options.graceSeconds}::float8))
@@ -679,15 +690,24 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         })}::jsonb
       FROM up`
 
-    /** A heartbeat: the row's timestamp and a `worker_heartbeat` event. */
+    /**
+     * A heartbeat: the row's timestamp and a `worker_heartbeat` event. Returns false when the
+     * row is `offline` (the reaper took the worker for dead during a blip): register again.
+     */
     const heartbeat = (workerId: string, metadata: Record<string, unknown>) =>
-      sql`
+      sql<{ n: number }>`
       WITH up AS (
         UPDATE gh_worker_registry SET last_heartbeat = now() WHERE worker_id = ${workerId}::text AND status <> 'offline'
         RETURNING worker_id
+      ),
+      ev AS (
+        INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
+        SELECT worker_id, 'worker_heartbeat', '', ${JSON.stringify(metadata)}::jsonb FROM up
+        RETURNING 1
       )
-      INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
-      SELECT worker_id, 'worker_heartbeat', '', ${JSON.stringify(metadata)}::jsonb FROM up`
+      SELECT (SELECT count(*) FROM up)::int AS n WHERE (SELECT count(*) FROM ev) >= 0`.withoutTransform.pipe(
+        Effect.map((rows) => (rows[0]?.n ?? 0) > 0)
+      )
 
     /** Set a worker's status and write its event. */
     const setWorkerStatus = (
@@ -866,4 +886,21 @@ export const toJob = (r: JobRow): Job => ({
   finished_at: r.finished_at?.toISOString() ?? null
 })
 
-const json = (value: unknown) => (value === undefined ? null : JSON.stringify(value))
+/**
+ * JSON for a jsonb parameter. Postgres rejects `\u0000` in jsonb and text, and a handler may
+ * return what JSON cannot hold (a BigInt, a cycle): callers check with `serializable` first.
+ */
+const json = (value: unknown) => (value === undefined ? null : JSON.stringify(value).replace(/\\u0000/g, ""))
+
+/** Text Postgres accepts (no NUL characters). */
+const text = (value: string | null | undefined) => (value == null ? null : value.replace(/\u0000/g, ""))
+
+/** Whether a value can be stored as a job's result (JSON without BigInts or cycles). */
+export const serializable = (value: unknown): boolean => {
+  try {
+    JSON.stringify(value ?? null)
+    return true
+  } catch {
+    return false
+  }
+}

@@ -5,7 +5,7 @@
  * routed to the node that holds it. A request about a job nobody holds is settled in its
  * row (`UPDATE … WHERE status = 'queued'`), so it never needs a live owner.
  */
-import type { SqlClient } from "@effect/sql"
+import { SqlClient } from "@effect/sql"
 import { Config, Context, Duration, Effect, ParseResult, Schema, type Scope } from "effect"
 import * as JobActor from "../actors/JobActor.ts"
 import * as WorkerActor from "../actors/WorkerActor.ts"
@@ -99,6 +99,7 @@ export const make = (
 ): Effect.Effect<JobService, never, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
     const storage = yield* JobStorage.makeWith({ prepared: node.prepared })
+    const sql = yield* SqlClient.SqlClient
     const preferredWaitMs = Duration.toMillis(options.preferredWait ?? "2 seconds")
     const askTimeout = Duration.decode(options.askTimeout ?? "10 seconds")
     const scope = yield* Effect.scope
@@ -187,18 +188,30 @@ export const make = (
             reason: `job ${bad}: worker_affinity "${decoded[bad]!.worker_affinity}" needs a target_worker_id`
           })
         }
-        // Strict jobs first, one by one: they are the ones a busy target can refuse, and a
-        // refusal then fails the call before the rest is stored.
-        const out: Array<Job> = []
-        for (const j of decoded) if (j.worker_affinity === "strict") out.push(yield* submit(j))
-        const loose = decoded.filter((j) => j.worker_affinity !== "strict")
-        for (let i = 0; i < loose.length; i += 5000) {
-          const rows = yield* storage
-            .insertMany(loose.slice(i, i + 5000), preferredWaitMs)
-            .pipe(Effect.mapError(persistence))
-          for (const row of rows) out.push(JobStorage.toJob(row))
-        }
-        if (loose.some((j) => j.worker_affinity === "preferred") && preferredWaitMs > 0) {
+        // One transaction: a refused strict job (or a failed statement) stores nothing, so a
+        // client can retry the whole batch. Strict jobs go first, one by one (each needs its
+        // target); results come back in input order.
+        const out = new Array<Job>(decoded.length)
+        const loose = decoded.flatMap((j, i) => (j.worker_affinity === "strict" ? [] : [i]))
+        yield* sql
+          .withTransaction(
+            Effect.gen(function* () {
+              for (const [i, j] of decoded.entries())
+                if (j.worker_affinity === "strict") out[i] = yield* submit(j)
+              for (let k = 0; k < loose.length; k += 5000) {
+                const slice = loose.slice(k, k + 5000)
+                const rows = yield* storage
+                  .insertMany(
+                    slice.map((i) => decoded[i]!),
+                    preferredWaitMs
+                  )
+                  .pipe(Effect.mapError(persistence))
+                rows.forEach((row, n) => (out[slice[n]!] = JobStorage.toJob(row)))
+              }
+            })
+          )
+          .pipe(Effect.catchTag("SqlError", (e) => Effect.fail(persistence(e))))
+        if (loose.some((i) => decoded[i]!.worker_affinity === "preferred") && preferredWaitMs > 0) {
           yield* storage
             .notify(JobStorage.anyJobsChannel, "opened")
             .pipe(Effect.delay(Duration.millis(preferredWaitMs + 5)), Effect.ignore, Effect.forkIn(scope))
@@ -215,6 +228,28 @@ export const make = (
         const owner = yield* storage.cancelOrLocate(jobId, reason).pipe(Effect.mapError(persistence))
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
         if (owner.cancelled) return { job_id: jobId, status: "cancelled", worker_id: null, node_id: node.id }
+        if ((owner.status === "running" || owner.status === "needs_human") && !owner.alive) {
+          // Its node is gone: nobody runs its handler; settle it in its row.
+          const written = yield* storage
+            .finish(jobId, owner.attempts, {
+              status: "cancelled",
+              errorCode: "CANCELLED",
+              errorMessage: reason,
+              eventType: "job_cancelled",
+              message: `Cancelled (its worker ${owner.worker_id ?? "?"} is gone): ${reason}`,
+              metadata: { worker_id: owner.worker_id, node_id: owner.node_id, reason }
+            })
+            .pipe(Effect.mapError(persistence))
+          if (written !== undefined) {
+            return {
+              job_id: jobId,
+              status: "cancelled",
+              worker_id: owner.worker_id,
+              node_id: owner.node_id ?? node.id
+            }
+          }
+          return yield* cancel(jobId, reason)
+        }
         if (isTerminal(owner.status)) {
           return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it has already ended" })
         }

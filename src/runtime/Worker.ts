@@ -153,32 +153,53 @@ export const make = (
       readonly jobId: string
       readonly epoch: number
       readonly outcome: JobStorage.Outcome
+      readonly cost: JobHandler.Cost
       readonly done: Deferred.Deferred<boolean>
     }
     const endings = yield* Queue.unbounded<Ending>()
+    const writeEnds = (items: ReadonlyArray<Ending>) =>
+      Effect.suspend(() => storage.finishMany(workerId, items))
+    const answer = (items: ReadonlyArray<Ending>, ended: (i: Ending) => boolean) =>
+      Effect.forEach(items, (i) => Deferred.succeed(i.done, ended(i)), { discard: true })
     yield* Queue.takeBetween(endings, 1, 500).pipe(
       Effect.flatMap((chunk) => {
         const items = [...chunk]
-        return storage.finishMany(workerId, items).pipe(
-          Effect.retry(retryWrites),
-          Effect.matchEffect({
-            onFailure: (e) =>
-              Effect.zipRight(
-                Effect.logError(`worker ${workerId}: could not record the end of ${items.length} job(s)`, e),
-                Effect.forEach(items, (i) => Deferred.succeed(i.done, false), { discard: true })
-              ),
-            onSuccess: (ended) =>
-              Effect.forEach(items, (i) => Deferred.succeed(i.done, ended.has(i.jobId)), { discard: true })
-          })
+        return writeEnds(items).pipe(
+          Effect.retry(Schedule.exponential("20 millis").pipe(Schedule.intersect(Schedule.recurs(3)))),
+          Effect.flatMap((ended) => answer(items, (i) => ended.has(i.jobId))),
+          // One bad item must not sink the batch: write them one by one, each with the full retry.
+          Effect.catchAllCause(() =>
+            Effect.forEach(
+              items,
+              (item) =>
+                writeEnds([item]).pipe(
+                  Effect.retry(retryWrites),
+                  Effect.flatMap((ended) => answer([item], () => ended.has(item.jobId))),
+                  Effect.catchAllCause((cause) =>
+                    Effect.zipRight(
+                      Effect.logError(
+                        `worker ${workerId}: could not record the end of job ${item.jobId}`,
+                        cause
+                      ),
+                      answer([item], () => false)
+                    )
+                  )
+                ),
+              { discard: true }
+            )
+          )
         )
       }),
       Effect.forever,
       Effect.interruptible,
       FiberSet.run(writers)
     )
-    const finish = (jobId: string, epoch: number, outcome: JobStorage.Outcome) =>
+    const finish = (run: Run, outcome: JobStorage.Outcome) =>
       Effect.flatMap(Deferred.make<boolean>(), (done) =>
-        Effect.zipRight(Queue.offer(endings, { jobId, epoch, outcome, done }), Deferred.await(done))
+        Effect.zipRight(
+          Queue.offer(endings, { jobId: run.id, epoch: run.epoch, outcome, cost: run.cost, done }),
+          Deferred.await(done)
+        )
       )
 
     const stateOf = (jobId: string, status: string, worker: string | null = workerId): JobActor.JobState => ({
@@ -340,7 +361,7 @@ export const make = (
         }
         const outcome = outcomeOf(run, exit)
         yield* Deferred.await(run.ready)
-        const written = yield* finish(run.id, run.epoch, outcome)
+        const written = yield* finish(run, outcome)
         if (!written) {
           // Someone else ended this attempt first (the reaper, or a cancel of an orphan).
           const now = yield* storage.owner(run.id).pipe(Effect.orElseSucceed(() => undefined))
@@ -355,6 +376,16 @@ export const make = (
       exit: Exit.Exit<unknown, JobHandler.JobError | JobHandler.HitlTimeout>
     ): JobStorage.Outcome => {
       const metadata = metadataOf(run, { cost: run.cost })
+      if (Exit.isSuccess(exit) && !JobStorage.serializable(exit.value)) {
+        return {
+          status: "failed",
+          errorCode: "RESULT_NOT_SERIALIZABLE",
+          errorMessage: "the handler returned a value JSON cannot hold (a BigInt or a cycle)",
+          eventType: "job_failed",
+          message: "Failed: the handler's result cannot be stored",
+          metadata: { ...metadata, error_code: "RESULT_NOT_SERIALIZABLE" }
+        }
+      }
       if (Exit.isSuccess(exit)) {
         return {
           status: "completed",
@@ -437,7 +468,8 @@ export const make = (
           Effect.catchAllCause((cause) => Effect.logError(`job ${run.id}: could not record its end`, cause)),
           Effect.ensuring(
             Effect.suspend(() => {
-              runs.delete(run.id)
+              // A newer attempt of the same job may have taken this id's place meanwhile.
+              if (runs.get(run.id) === run) runs.delete(run.id)
               wake()
               return runs.size === 0 ? idle.open : Effect.void
             })
@@ -632,6 +664,16 @@ export const make = (
 
     // --- Start ---
 
+    // Jobs an earlier process with this node id left live (it crashed and came back before
+    // any reaper saw it dead): settle them now, as the reaper would have.
+    const leftovers = yield* storage.reap({
+      staleSeconds: 30,
+      graceSeconds: 5,
+      backoffBaseMs: 250,
+      backoffMaxMs: 30_000,
+      deadNode: nodeId
+    })
+    for (const r of leftovers) if (r.status === "queued") yield* wakeLater(storage, r.run_in_ms)
     yield* storage.registerWorker(registration)
     const control: Worker = {
       workerId,
@@ -665,14 +707,29 @@ export const make = (
       FiberSet.run(fibers)
     )
     const heartbeatEvery = Duration.decode(options.heartbeat ?? "10 seconds")
-    yield* Effect.suspend(() =>
-      storage.heartbeat(workerId, {
+    yield* Effect.gen(function* () {
+      const alive = yield* storage.heartbeat(workerId, {
         status: state === "active" ? (runs.size > 0 ? "busy" : "idle") : state,
         current_job_id: runs.keys().next().value ?? null,
         active_jobs: runs.size,
         memory_usage: process.memoryUsage().rss
       })
-    ).pipe(
+      if (!alive && state !== "offline" && !stopping) {
+        // Taken for dead during a blip (its lock session dropped): register again.
+        yield* Effect.logWarning(`worker ${workerId} was marked offline while running: registering again`)
+        yield* storage.registerWorker(registration)
+        if (state === "draining") {
+          yield* storage.setWorkerStatus(
+            workerId,
+            "draining",
+            "worker_draining",
+            "Draining (registered again)",
+            {}
+          )
+        }
+        wake()
+      }
+    }).pipe(
       Effect.catchAllCause((c) => Effect.logWarning("worker heartbeat failed", c)),
       Effect.delay(heartbeatEvery),
       Effect.forever,

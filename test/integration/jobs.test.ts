@@ -586,6 +586,14 @@ describe("jobs and workers", () => {
           (r) => r[0]!.n
         )
         const before = yield* countJobs
+        const unavailable = yield* Effect.flip(
+          jobs.submitMany([
+            { job_type: "noop" },
+            { job_type: "noop", worker_affinity: "strict", target_worker_id: "nobody" }
+          ])
+        )
+        expect(unavailable._tag).toBe("WorkerUnavailable")
+        expect(yield* countJobs).toBe(before)
         const refused = yield* Effect.flip(
           jobs.submitMany([{ job_type: "noop" }, { job_type: "noop", priority: "x" }])
         )
@@ -603,6 +611,10 @@ describe("jobs and workers", () => {
         ]
         const submitted = yield* jobs.submitMany(batch)
         expect(submitted.length).toBe(71)
+        // In input order.
+        expect(submitted.map((j) => j.worker_affinity)).toEqual(
+          batch.map((b) => (b as { worker_affinity?: string }).worker_affinity ?? "any")
+        )
         const ids = submitted.map((j) => j.id)
         const done = yield* eventually(
           Effect.map(
@@ -686,6 +698,86 @@ describe("jobs and workers", () => {
         const completions = (yield* eventsOf(job.id)).filter((e) => e.event_type === "job_completed")
         expect(completions.length).toBe(1)
         expect(completions[0]!.actor).toBe("w-n16b")
+      })
+    )
+
+    it.scoped("a result Postgres or JSON cannot hold fails that job only; the worker keeps working", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw17")
+        yield* startWorker("n17", { maxConcurrent: 4 })
+        const [bad, nul, ok] = yield* jobs.submitMany([
+          { job_type: "bigint" },
+          { job_type: "nul" },
+          { job_type: "noop" }
+        ])
+        const failed = yield* statusIs(bad!.id, "failed")
+        expect(failed.error_code).toBe("RESULT_NOT_SERIALIZABLE")
+        yield* statusIs(nul!.id, "completed")
+        expect((yield* jobs.get(nul!.id)).result).toEqual({ text: "ab" })
+        yield* statusIs(ok!.id, "completed")
+      })
+    )
+
+    it.scoped("a worker taken for dead during a blip registers again and takes work", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw18")
+        yield* startWorker("n18", { heartbeat: "100 millis" })
+        // As the reaper does when the worker's lock session drops for a moment.
+        yield* sql`UPDATE gh_worker_registry SET status = 'offline' WHERE worker_id = 'w-n18'`
+        yield* eventually(
+          Effect.map(
+            sql<{ status: string }>`SELECT status FROM gh_worker_registry WHERE worker_id = 'w-n18'`,
+            (r) => (r[0]?.status === "active" ? true : undefined)
+          )
+        )
+        const job = yield* jobs.submit({ job_type: "noop" })
+        yield* statusIs(job.id, "completed")
+      })
+    )
+
+    it.scoped(
+      "a node that crashed and restarts under the same id settles the jobs its earlier process held",
+      () =>
+        Effect.gen(function* () {
+          const { jobs } = yield* startGateway("gw19")
+          const first = yield* startWorker("n19", { workerId: "w-n19" })
+          const k = key()
+          const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
+          yield* startedOf(k)
+          // Stopped and back before any reaper round could see the node dead.
+          yield* first.stop
+          yield* startWorker("n19", { workerId: "w-n19" })
+          yield* eventually(Effect.sync(() => (slot(k).runs.length === 2 ? true : undefined)))
+          expect(yield* statusOf(job.id)).toMatchObject({
+            status: "running",
+            attempts: 2,
+            worker_id: "w-n19"
+          })
+          yield* command(k, { _tag: "complete" })
+          yield* statusIs(job.id, "completed")
+        })
+    )
+
+    it.scoped("a cancel of a job whose node is gone is settled in its row at once", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw20")
+        const w = yield* startWorker("n20")
+        const k = key()
+        const job = yield* jobs.submit({
+          job_type: "ctl",
+          payload: { key: k },
+          worker_affinity: "strict",
+          target_worker_id: "w-n20"
+        })
+        yield* startedOf(k)
+        // The node is gone as far as the database knows; the job still reads running until a reaper round.
+        yield* sql`UPDATE nodes SET status = 'stopped' WHERE id = 'n20'`
+        const state = yield* jobs.cancel(job.id, "user")
+        expect(state).toMatchObject({ status: "cancelled", worker_id: "w-n20" })
+        expect((yield* statusOf(job.id)).status).toBe("cancelled")
+        yield* w.stop
       })
     )
 
