@@ -144,6 +144,18 @@ export const makePreparedPool = (
     } satisfies PreparedPool
   })
 
+/**
+ * Run a statement as a named statement on `prepared` when there is one, else as an unnamed
+ * statement on the `SqlClient` (rows as Postgres returns them, no transforms either way).
+ */
+export const runHot =
+  (prepared: PreparedPool | undefined) =>
+  <A extends object>(
+    name: string,
+    statement: Statement.Statement<A>
+  ): Effect.Effect<ReadonlyArray<A>, SqlError.SqlError> =>
+    prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
+
 /** A short, secret-free description of a database error for users. */
 export const describe = (error: unknown): string => {
   const cause = (error as { cause?: unknown })?.cause

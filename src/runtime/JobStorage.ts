@@ -11,7 +11,7 @@ import { SqlClient } from "@effect/sql"
 import * as Statement from "@effect/sql/Statement"
 import { Effect } from "effect"
 import type { Interaction, Job, SubmitJob } from "../protocol/Jobs.ts"
-import type { PreparedPool } from "./Database.ts"
+import { type PreparedPool, runHot } from "./Database.ts"
 import { aliveSql } from "./NodeMembership.ts"
 
 /** The NOTIFY channel workers of a node listen on for targeted jobs. */
@@ -71,9 +71,7 @@ export interface TargetState {
 export const makeWith = (options: { readonly prepared?: PreparedPool | undefined }) =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
-    const prepared = options.prepared
-    const hot = <A extends object>(name: string, statement: Statement.Statement<A>) =>
-      prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
+    const hot = runHot(options.prepared)
 
     /** Which workers a target names: its worker id, or the sandbox id it registered with. */
     const targets = (target: string | null) =>

@@ -10,9 +10,9 @@
  * claim round trip (see `Wakeup`): the rows themselves when they fit in a small payload, else
  * their ids, else just `m` ("something is pending"). The rows stay in the table either way.
  */
-import { SqlClient, type Statement } from "@effect/sql"
+import { SqlClient } from "@effect/sql"
 import { Effect, Either, Schema } from "effect"
-import type { PreparedPool } from "./Database.ts"
+import { type PreparedPool, runHot } from "./Database.ts"
 import { nodeChannel } from "../protocol/Ids.ts"
 
 /** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
@@ -58,9 +58,7 @@ export interface DeadLetter {
 export const makeWith = (options: { readonly prepared?: PreparedPool | undefined }) =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
-    const prepared = options.prepared
-    const hot = <A extends object>(name: string, statement: Statement.Statement<A>) =>
-      prepared === undefined ? statement.withoutTransform : prepared.execute(name, statement)
+    const hot = runHot(options.prepared)
 
     /**
      * Insert a batch in order and NOTIFY each target node once, in one statement (one
