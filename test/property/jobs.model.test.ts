@@ -85,7 +85,7 @@ class Submit implements Cmd {
       worker_affinity: this.affinity,
       target_worker_id: target?.id ?? null
     }
-    const exit = await r.run(Effect.exit(r.jobs.submit(input)))
+    const exit = await r.run(r.jobs.submit(input).pipe(Effect.exit))
     if (this.affinity === "strict") {
       const t = target!
       const load =
@@ -160,7 +160,7 @@ class Cancel implements Cmd {
   async run(m: Model, r: Real) {
     const j = m.jobs[this.n % m.jobs.length]!
     const owner = j.worker
-    const exit = await r.run(Effect.exit(r.jobs.cancel(j.id, "model cancel")))
+    const exit = await r.run(r.jobs.cancel(j.id, "model cancel").pipe(Effect.exit))
     if (live(j.status)) {
       if (Exit.isFailure(exit))
         throw new Error(`cancel of ${j.status} job failed: ${JSON.stringify(exit.cause)}`)
@@ -189,7 +189,7 @@ class Resume implements Cmd {
   async run(m: Model, r: Real) {
     const waiting = m.jobs.filter((j) => j.status === "needs_human")
     const j = waiting.length > 0 ? waiting[this.n % waiting.length]! : m.jobs[this.n % m.jobs.length]!
-    const exit = await r.run(Effect.exit(r.jobs.resume(j.id, { resolved_by: "model" })))
+    const exit = await r.run(r.jobs.resume(j.id, { resolved_by: "model" }).pipe(Effect.exit))
     if (j.status === "needs_human") {
       if (Exit.isFailure(exit)) throw new Error(`resume failed: ${JSON.stringify(exit.cause)}`)
       expect(exit.value.status).toBe("running")
