@@ -54,6 +54,15 @@ export interface WorkerRegistration {
   readonly maxConcurrent: number
 }
 
+/** Who holds a job: its status, attempt, node and worker, and whether that node is alive. */
+export interface Owner {
+  readonly status: string
+  readonly attempts: number
+  readonly node_id: string | null
+  readonly worker_id: string | null
+  readonly alive: boolean
+}
+
 /** Why a strict submit was refused, from the target's row. */
 export interface TargetState {
   readonly exists: boolean
@@ -412,14 +421,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
      * and callback); otherwise the job's owner is returned, for the cancel to be routed there.
      */
     const cancelOrLocate = (jobId: string, reason: string) =>
-      sql<{
-        cancelled: boolean
-        status: string
-        attempts: number
-        node_id: string | null
-        worker_id: string | null
-        alive: boolean
-      }>`
+      sql<Owner & { cancelled: boolean }>`
       WITH j AS (
         UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
           error_code = 'CANCELLED', error_message = ${reason}::text
@@ -755,13 +757,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
 
     /** A job's owner: its status, attempt and whether its node is alive. */
     const owner = (jobId: string) =>
-      sql<{
-        status: string
-        attempts: number
-        node_id: string | null
-        worker_id: string | null
-        alive: boolean
-      }>`
+      sql<Owner>`
       SELECT j.status, j.attempts, j.node_id, j.worker_id,
         (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
       FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
