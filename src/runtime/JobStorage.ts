@@ -257,7 +257,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       WITH c AS (
         SELECT j AS job, j.id, j.attempts FROM gh_automation_jobs j
         JOIN unnest(${claimed.map((c) => c.id)}::uuid[], ${claimed.map((c) => c.attempts)}::int[]) AS u(id, attempts)
-          ON j.id = u.id AND j.attempts = u.attempts
+          ON j.id = u.id AND j.attempts = u.attempts AND j.status IN ('running', 'needs_human')
       ),
       w AS (
         UPDATE gh_worker_registry SET current_job_id = (SELECT id FROM c LIMIT 1), last_heartbeat = now()
