@@ -9,7 +9,7 @@
  */
 import { SqlClient } from "@effect/sql"
 import * as Statement from "@effect/sql/Statement"
-import { Effect } from "effect"
+import { Duration, Effect } from "effect"
 import type { Interaction, Job, SubmitJob } from "../protocol/Jobs.ts"
 import { type PreparedPool, runHot } from "./Database.ts"
 import { aliveSql } from "./NodeMembership.ts"
@@ -284,40 +284,10 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ).pipe(Effect.asVoid)
 
     /**
-     * End the attempt `epoch` of a job: its final status, event and callback, the worker's
-     * counters, and the job's actor leaves the registry. Nothing happens (and `undefined`
-     * is returned) when the attempt is no longer the job's live one.
-     */
-    const finish = (jobId: string, epoch: number, outcome: Outcome) =>
-      sql<{ event_id: string; worker_id: string | null }>`
-      WITH j AS (
-        UPDATE gh_automation_jobs SET status = ${outcome.status}::text, result = ${json(outcome.result)}::jsonb,
-          error_code = ${outcome.errorCode ?? null}::text, error_message = ${outcome.errorMessage ?? null}::text,
-          finished_at = now(), updated_at = now(), interaction = NULL, deadline_at = NULL
-        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status IN ('running', 'needs_human')
-        RETURNING gh_automation_jobs AS job, worker_id
-      ),
-      w AS (
-        UPDATE gh_worker_registry SET
-          jobs_completed = jobs_completed + (CASE WHEN ${outcome.status}::text = 'completed' THEN 1 ELSE 0 END),
-          jobs_failed = jobs_failed + (CASE WHEN ${outcome.status}::text = 'failed' THEN 1 ELSE 0 END),
-          current_job_id = CASE WHEN current_job_id = ${jobId}::uuid THEN NULL ELSE current_job_id END
-        WHERE worker_id = (SELECT worker_id FROM j)
-        RETURNING 1
-      ),
-      r AS (DELETE FROM actor_registry WHERE actor_id = ${`job:${jobId}`}::text AND epoch = ${epoch}::int RETURNING 1)
-      SELECT troupe_job_event(j.job, ${outcome.eventType}::text, ${outcome.message}::text, j.worker_id,
-               ${JSON.stringify(outcome.metadata)}::jsonb, true)::text AS event_id, j.worker_id
-      FROM j WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0`.withoutTransform.pipe(
-        Effect.map((rows) => rows[0])
-      )
-
-    /**
      * End many attempts of one worker's jobs in one statement (`finish`, set-based): what
      * the worker writes when handlers return. Returns the ids that were still live attempts.
      */
     const finishMany = (
-      workerId: string,
       items: ReadonlyArray<{
         readonly jobId: string
         readonly epoch: number
@@ -347,11 +317,13 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         RETURNING g AS job, g.id, g.worker_id, g.attempts, i.status AS new_status, i.event_type, i.event_message, i.metadata
       ),
       w AS (
-        UPDATE gh_worker_registry SET
-          jobs_completed = jobs_completed + (SELECT count(*) FROM j WHERE new_status = 'completed'),
-          jobs_failed = jobs_failed + (SELECT count(*) FROM j WHERE new_status = 'failed'),
-          current_job_id = CASE WHEN current_job_id IN (SELECT id FROM j) THEN NULL ELSE current_job_id END
-        WHERE worker_id = ${workerId}::text AND EXISTS (SELECT 1 FROM j)
+        UPDATE gh_worker_registry w SET
+          jobs_completed = w.jobs_completed
+            + (SELECT count(*) FROM j WHERE j.worker_id = w.worker_id AND j.new_status = 'completed'),
+          jobs_failed = w.jobs_failed
+            + (SELECT count(*) FROM j WHERE j.worker_id = w.worker_id AND j.new_status = 'failed'),
+          current_job_id = CASE WHEN w.current_job_id IN (SELECT id FROM j) THEN NULL ELSE w.current_job_id END
+        WHERE w.worker_id IN (SELECT worker_id FROM j)
         RETURNING 1
       ),
       r AS (
@@ -375,6 +347,13 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       SELECT j.id::text AS id FROM j
       WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0 AND (SELECT count(*) FROM woke) >= 0`
       ).pipe(Effect.map((rows) => new Set(rows.map((r) => r.id))))
+
+    /**
+     * End one attempt (a cancel settled outside its worker's batch): `finishMany` of one.
+     * True when the attempt was still live; false when someone else ended it first.
+     */
+    const finish = (jobId: string, epoch: number, outcome: Outcome) =>
+      Effect.map(finishMany([{ jobId, epoch, outcome }]), (ended) => ended.has(jobId))
 
     /**
      * Insert many jobs that need no availability check (`any` and `preferred`), in order, and
@@ -813,6 +792,12 @@ export const make = makeWith({})
 
 /** The storage functions. */
 export type JobStorage = Effect.Effect.Success<typeof make>
+
+/** Wake every worker once a requeued job's backoff has passed (in the background). */
+export const wakeLater = (storage: JobStorage, afterMs: number) =>
+  storage
+    .notify(anyJobsChannel, "retry")
+    .pipe(Effect.delay(Duration.millis(afterMs + 5)), Effect.ignore, Effect.forkDaemon, Effect.asVoid)
 
 // --- internal ---
 

@@ -240,7 +240,7 @@ export const make = (
               metadata: { worker_id: owner.worker_id, node_id: owner.node_id, reason }
             })
             .pipe(Effect.mapError(persistence))
-          if (written !== undefined) {
+          if (written) {
             return {
               job_id: jobId,
               status: "cancelled",

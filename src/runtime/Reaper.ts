@@ -9,7 +9,6 @@ import { SqlClient } from "@effect/sql"
 import { Duration, Effect, type Scope } from "effect"
 import * as JobStorage from "./JobStorage.ts"
 import { aliveSql } from "./NodeMembership.ts"
-import { wakeLater } from "./Worker.ts"
 
 /** Options of the reaper. */
 export interface Options {
@@ -68,7 +67,7 @@ export const make = (options: Options): Effect.Effect<Reaper, never, SqlClient.S
       for (const r of reaped) {
         if (r.status === "queued") {
           counters.requeued++
-          yield* wakeLater(storage, r.run_in_ms)
+          yield* JobStorage.wakeLater(storage, r.run_in_ms)
         } else counters.failed++
       }
       const offline = yield* storage.reapWorkers(staleSeconds)

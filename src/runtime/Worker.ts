@@ -157,8 +157,7 @@ export const make = (
       readonly done: Deferred.Deferred<boolean>
     }
     const endings = yield* Queue.unbounded<Ending>()
-    const writeEnds = (items: ReadonlyArray<Ending>) =>
-      Effect.suspend(() => storage.finishMany(workerId, items))
+    const writeEnds = (items: ReadonlyArray<Ending>) => Effect.suspend(() => storage.finishMany(items))
     const answer = (items: ReadonlyArray<Ending>, ended: (i: Ending) => boolean) =>
       Effect.forEach(items, (i) => Deferred.succeed(i.done, ended(i)), { discard: true })
     yield* Queue.takeBetween(endings, 1, 500).pipe(
@@ -356,7 +355,7 @@ export const make = (
             )
           const done = reaped[0]
           if (done?.status === "failed") counters.failed++
-          if (done?.status === "queued") yield* wakeLater(storage, done.run_in_ms)
+          if (done?.status === "queued") yield* JobStorage.wakeLater(storage, done.run_in_ms)
           return stateOf(run.id, done?.status ?? "unknown")
         }
         const outcome = outcomeOf(run, exit)
@@ -575,7 +574,7 @@ export const make = (
             metadata: { worker_id: owner.worker_id, node_id: nodeId, reason }
           })
           .pipe(Effect.orDie)
-        if (written === undefined) {
+        if (!written) {
           return yield* new Conflict({
             job_id: jobId,
             status: "changed",
@@ -673,7 +672,7 @@ export const make = (
       backoffMaxMs: 30_000,
       deadNode: nodeId
     })
-    for (const r of leftovers) if (r.status === "queued") yield* wakeLater(storage, r.run_in_ms)
+    for (const r of leftovers) if (r.status === "queued") yield* JobStorage.wakeLater(storage, r.run_in_ms)
     yield* storage.registerWorker(registration)
     const control: Worker = {
       workerId,
@@ -760,9 +759,3 @@ export const make = (
 // --- internal ---
 
 const firstLine = (text: string) => text.split("\n")[0]!.slice(0, 500)
-
-/** Wake every worker once a requeued job's backoff has passed (in the background). */
-export const wakeLater = (storage: JobStorage.JobStorage, afterMs: number) =>
-  storage
-    .notify(JobStorage.anyJobsChannel, "retry")
-    .pipe(Effect.delay(Duration.millis(afterMs + 5)), Effect.ignore, Effect.forkDaemon, Effect.asVoid)
