@@ -435,14 +435,7 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       targets: verdicts,
       all_targets_met: allMeasured ? Object.values(verdicts).every((v) => v.pass === true) : null,
       machine: { ...host, load_average_at_end: Os.loadavg().map((x) => round(x, 2)) },
-      database: {
-        server: db.server,
-        embedded: db.embedded,
-        version_full: server.full,
-        synchronous_commit: server.sync,
-        fsync: server.fsync,
-        shared_buffers: server.shared_buffers
-      },
+      database: Db.describeDatabase(db, server),
       settings: Object.fromEntries(
         peerKeys.filter((k) => peers[k] !== undefined).map((k) => [k, peers[k]!.details.settings])
       ),

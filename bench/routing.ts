@@ -895,14 +895,7 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       },
       all_targets_met: Object.values(pass).every(Boolean),
       machine: { ...host, load_average_at_end: Os.loadavg().map((x) => round(x, 2)) },
-      database: {
-        server: db.server,
-        embedded: db.embedded,
-        version_full: server.full,
-        synchronous_commit: server.sync,
-        fsync: server.fsync,
-        shared_buffers: server.shared_buffers
-      },
+      database: Db.describeDatabase(db, server),
       settings,
       latency: Object.fromEntries(
         (

@@ -149,3 +149,13 @@ export const serverInfo = async (url: string) => {
   )
   return row!
 }
+
+/** The `database` block of a benchmark's JSON: where it ran and the settings that matter. */
+export const describeDatabase = (db: BenchDatabase, server: Awaited<ReturnType<typeof serverInfo>>) => ({
+  server: db.server,
+  embedded: db.embedded,
+  version_full: server.full,
+  synchronous_commit: server.sync,
+  fsync: server.fsync,
+  shared_buffers: server.shared_buffers
+})

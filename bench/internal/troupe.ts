@@ -22,9 +22,6 @@ import * as Db from "./db.ts"
 import * as Peers from "./peers.ts"
 import { cpuMeter, ms, round, sleep, summarize } from "./stats.ts"
 
-const median = (xs: ReadonlyArray<number>) =>
-  [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)] ?? Number.NaN
-
 /** Settings of troupe's runs (recorded in the JSON). */
 export const troupeSettings = {
   pickup: {
@@ -182,7 +179,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     jobs_per_s: inProcess.throughput.jobs_per_s,
     cancel_p50_ms: round(inProcess.cancel.p50, 3),
     cancel_p99_ms: round(inProcess.cancel.p99, 3),
-    failover_ms: Math.round(median(failovers)),
+    failover_ms: Math.round(summarize(failovers).p50),
     settings: troupeSettings,
     details: {
       pickup: inProcess.pickup,
