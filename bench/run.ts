@@ -17,6 +17,10 @@ const benchmarks: Record<
   jobs: {
     description: "job pickup latency and throughput vs pg-boss and graphile-worker",
     load: () => import("./jobs.ts")
+  },
+  edge: {
+    description: "WebSocket submit and cancel latency, event fan-out to 1,000 subscribers",
+    load: () => import("./edge.ts")
   }
 }
 

@@ -1,6 +1,7 @@
 /**
  * Job handlers every worker has, for trying the system out and for health checks:
- * `noop` (returns at once), `sleep` (`{ms}`), `echo` (returns its payload).
+ * `noop` (returns at once), `sleep` (`{ms}`), `echo` (returns its payload), `ask_human`
+ * (`{message?, timeout_seconds?}`: raises `needs_human` and returns the resolution).
  * Browser recipes come with `src/browser/`.
  */
 import { Duration, Effect, Schema } from "effect"
@@ -16,5 +17,17 @@ export const builtinHandlers = JobHandler.handlers({
     yield* JobHandler.step(`Sleeping ${ms} ms`, Effect.sleep(Duration.millis(ms)), { index: 1, total: 1 })
     return { slept_ms: ms }
   }),
-  echo: Effect.map(JobHandler.JobContext, (ctx) => ctx.payload)
+  echo: Effect.map(JobHandler.JobContext, (ctx) => ctx.payload),
+  ask_human: Effect.gen(function* () {
+    const { message, timeout_seconds } = yield* JobHandler.payload(
+      Schema.Struct({
+        message: Schema.optionalWith(Schema.String, { default: () => "A human is needed to continue" }),
+        timeout_seconds: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 7 * 24 * 3600)), {
+          default: () => 300
+        })
+      })
+    )
+    const resolution = yield* JobHandler.needsHuman({ type: "manual", message, timeout_seconds })
+    return { resolved_by: resolution.resolved_by, resolution_data: resolution.resolution_data ?? null }
+  })
 })

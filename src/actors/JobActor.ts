@@ -8,14 +8,10 @@ import { Effect, Schema } from "effect"
 import { Conflict, NotFound, Resolution } from "../protocol/Jobs.ts"
 import * as Actor from "../runtime/Actor.ts"
 
-/** What a cancel or resume answers: the job's state after it. */
-export const JobState = Schema.Struct({
-  job_id: Schema.String,
-  status: Schema.String,
-  worker_id: Schema.NullOr(Schema.String),
-  node_id: Schema.String
-})
-export type JobState = typeof JobState.Type
+/** Re-exported from the protocol. */
+import { JobState } from "../protocol/Jobs.ts"
+
+export { JobState }
 
 /** Stop the job now: interrupt its handler and record `cancelled`. */
 export class Cancel extends Schema.TaggedRequest<Cancel>()("Cancel", {

@@ -7,15 +7,10 @@ import { Effect, Schema } from "effect"
 import { DeregisterResult } from "../protocol/Jobs.ts"
 import * as Actor from "../runtime/Actor.ts"
 
-/** A worker's state as it sees it. */
-export const WorkerState = Schema.Struct({
-  worker_id: Schema.String,
-  node_id: Schema.String,
-  status: Schema.Literal("active", "draining", "offline"),
-  active_job_ids: Schema.Array(Schema.String),
-  max_concurrent: Schema.Number
-})
-export type WorkerState = typeof WorkerState.Type
+/** Re-exported from the protocol. */
+import { WorkerState } from "../protocol/Jobs.ts"
+
+export { WorkerState }
 
 /** Finish the current jobs, claim no more. */
 export class Drain extends Schema.TaggedRequest<Drain>()("Drain", {

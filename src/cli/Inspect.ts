@@ -1,20 +1,24 @@
 /**
- * `troupe inspect`: look inside a running system through its database. Readable tables by
+ * `troupe inspect`: look inside a running system through its database, or steer it through
+ * a gateway with the typed client (watch, submit, cancel, resume, drain). Readable output by
  * default, `--json` for scripts.
  */
 import { Args, Command, Options } from "@effect/cli"
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
-import { Console, Data, Duration, Effect, Layer, Option, Redacted, Schema } from "effect"
+import { Config, Console, Data, Duration, Effect, Layer, Option, Redacted, Schema, Stream } from "effect"
 import * as Crypto from "node:crypto"
 import pg from "pg"
 import { ActorId } from "../protocol/Ids.ts"
-import { JobStatus } from "../protocol/Jobs.ts"
+import type * as Client from "../client/Client.ts"
+import { isTerminal, type Job, JobStatus } from "../protocol/Jobs.ts"
 import { DatabaseUrls, describe } from "../runtime/Database.ts"
 import * as EmbeddedPostgres from "../runtime/EmbeddedPostgres.ts"
 import * as MailboxStorage from "../runtime/MailboxStorage.ts"
+import * as Monitoring from "../runtime/Monitoring.ts"
 import * as Node from "../runtime/Node.ts"
 import { aliveSql } from "../runtime/NodeMembership.ts"
+import * as Gateway from "./internal/gateway.ts"
 import { ago, table } from "./internal/table.ts"
 
 /** The inspector cannot do what it was asked; the message says why and what to do. */
@@ -634,50 +638,7 @@ const jobCommand = Command.make("job", { json, id: Args.text({ name: "job-id" })
 
 const workersCommand = Command.make("workers", { json }, ({ json }) =>
   Effect.gen(function* () {
-    const sql = yield* SqlClient.SqlClient
-    const rows = yield* sql.unsafe<{
-      worker_id: string
-      status: string
-      node_id: string | null
-      node_alive: boolean
-      active_jobs: number
-      current_job_id: string | null
-      target_worker_id: string | null
-      ec2_instance_id: string | null
-      ec2_ip: string | null
-      max_concurrent: number
-      jobs_completed: number
-      jobs_failed: number
-      last_heartbeat: Date
-      registered_at: Date
-      deregistered_at: Date | null
-      deregister_reason: string | null
-    }>(`
-      SELECT w.worker_id, w.status, w.node_id, ${aliveSql} AS node_alive,
-        (SELECT count(*) FROM gh_automation_jobs j
-          WHERE j.worker_id = w.worker_id AND j.status IN ('running', 'needs_human'))::int AS active_jobs,
-        w.current_job_id, w.target_worker_id, w.ec2_instance_id, w.ec2_ip, w.max_concurrent, w.jobs_completed,
-        w.jobs_failed, w.last_heartbeat, w.registered_at, w.deregistered_at, w.deregister_reason
-      FROM gh_worker_registry w LEFT JOIN nodes n ON n.id = w.node_id
-      ORDER BY w.worker_id`)
-    const now = Date.now()
-    const out = rows.map((r) => {
-      const state =
-        r.status === "offline" || !r.node_alive
-          ? "offline"
-          : r.active_jobs > 0
-            ? "busy"
-            : r.status === "draining"
-              ? "draining"
-              : "idle"
-      // An offline worker's uptime stops where it was last seen.
-      const until = state === "offline" ? new Date(r.deregistered_at ?? r.last_heartbeat).getTime() : now
-      return {
-        ...r,
-        state,
-        uptime_seconds: Math.max(0, Math.round((until - new Date(r.registered_at).getTime()) / 1000))
-      }
-    })
+    const out = yield* Monitoring.workerRows
     yield* print(json, out, () =>
       table(
         out.map((r) => ({
@@ -714,22 +675,303 @@ const workersCommand = Command.make("workers", { json }, ({ json }) =>
   )
 )
 
+// --- Through a gateway ---
+// These commands speak the gateway's WebSocket protocol with the typed client, so they go
+// through the edge's authentication and routing like any client app; they need no database.
+
+const gateway = Options.text("gateway").pipe(
+  Options.withDescription(
+    `the gateway's socket (env TROUPE_GATEWAY_URL, else ${Gateway.defaultUrl}); the secret is GH_SERVICE_SECRET, else <TROUPE_DATA_DIR or .troupe>/service-secret`
+  ),
+  Options.withDefault(Gateway.defaultUrl),
+  Options.withFallbackConfig(Config.string("TROUPE_GATEWAY_URL"))
+)
+
+/** Decode a JSON option, or say which option is not JSON. */
+const jsonOption = (name: string, text: string) =>
+  Schema.decodeUnknown(Schema.parseJson())(text).pipe(
+    Effect.mapError(
+      (e) =>
+        new InspectError({
+          message: `--${name} is not valid JSON: ${e.message
+            .split("\n")
+            .at(-1)
+            ?.replace(/^[\s└─]+/, "")}`
+        })
+    )
+  )
+
+const eventId = (name: string, value: string) =>
+  /^[0-9]{1,19}$/.test(value)
+    ? Effect.succeed(value)
+    : Effect.fail(
+        new InspectError({
+          message: `--${name} must be an event id (digits, 0 for the start), got "${value}"`
+        })
+      )
+
+/** A job's line after it ended or changed. */
+const jobSummary = (job: Job) => {
+  const on = job.worker_id === null ? "" : ` on worker ${job.worker_id}`
+  const attempts = `${job.attempts}/${job.max_attempts} attempt(s)`
+  switch (job.status) {
+    case "completed":
+      return `job ${job.id} completed${on} (${attempts}): result ${JSON.stringify(job.result)}`
+    case "failed":
+    case "cancelled":
+      return `job ${job.id} ${job.status}${on} (${attempts}): ${job.error_code ?? "?"}: ${job.error_message ?? ""}`
+    default:
+      return `job ${job.id} ${job.status}${on}`
+  }
+}
+
+// --- watch ---
+
+const watchCommand = Command.make(
+  "watch",
+  {
+    gateway,
+    json: Options.boolean("json").pipe(Options.withDescription("print one JSON object per event and line")),
+    job: Options.text("job").pipe(
+      Options.optional,
+      Options.withDescription("only this job (from its first event, unless --since)")
+    ),
+    task: Options.text("task").pipe(
+      Options.optional,
+      Options.withDescription("only the jobs of this valet_task_id")
+    ),
+    worker: Options.text("worker").pipe(
+      Options.optional,
+      Options.withDescription("only this worker: its lifecycle events and the events of jobs it runs")
+    ),
+    all: Options.boolean("all").pipe(Options.withDescription("every event (the default)")),
+    since: Options.text("since").pipe(
+      Options.optional,
+      Options.withDescription("first replay the events after this event id (0: from the start)")
+    )
+  },
+  (o) =>
+    Effect.gen(function* () {
+      const chosen = [o.job, o.task, o.worker].filter(Option.isSome).length + (o.all ? 1 : 0)
+      if (chosen > 1) {
+        return yield* new InspectError({ message: "watch one thing: --job, --task, --worker or --all" })
+      }
+      const filter: Client.Filter = Option.isSome(o.job)
+        ? { job_id: o.job.value }
+        : Option.isSome(o.task)
+          ? { valet_task_id: o.task.value }
+          : Option.isSome(o.worker)
+            ? { worker_id: o.worker.value }
+            : { all: true }
+      const what = Option.isSome(o.job)
+        ? `job ${o.job.value}`
+        : Option.isSome(o.task)
+          ? `valet task ${o.task.value}`
+          : Option.isSome(o.worker)
+            ? `worker ${o.worker.value}`
+            : "every event"
+      // One job's history is short and its start is what one wants to see.
+      const since = Option.isSome(o.since)
+        ? yield* eventId("since", o.since.value)
+        : Option.isSome(o.job)
+          ? "0"
+          : undefined
+      const link = yield* Gateway.connect(o.gateway)
+      const sub = yield* link.client
+        .subscription(filter, since === undefined ? {} : { sinceEventId: since })
+        .pipe(Effect.mapError(link.explain))
+      yield* Console.error(
+        `watching ${what} through ${link.url}${since === undefined ? "" : `, after event ${since} (${sub.replayed} replayed)`} (Ctrl-C to stop)`
+      )
+      yield* Effect.forkScoped(link.reportReconnects)
+      yield* sub.events.pipe(
+        Stream.mapError(link.explain),
+        Stream.runForEach((e) => Console.log(o.json ? JSON.stringify(e) : Gateway.eventLine(e)))
+      )
+    }).pipe(Effect.scoped)
+).pipe(
+  Command.withDescription(
+    "follow events live through a gateway until Ctrl-C (one job, a valet task, a worker or all); resumes across reconnects"
+  )
+)
+
+// --- submit <job_type> ---
+
+const submitCommand = Command.make(
+  "submit",
+  {
+    gateway,
+    json,
+    jobType: Args.text({ name: "job_type" }).pipe(
+      Args.withDescription("the handler to run: noop, sleep, echo, ask_human …")
+    ),
+    payload: Options.text("payload").pipe(
+      Options.optional,
+      Options.withDescription("the job's payload (JSON)")
+    ),
+    target: Options.text("target").pipe(
+      Options.optional,
+      Options.withDescription("target_worker_id: a worker id or the sandbox id it registered with")
+    ),
+    affinity: Options.choice("affinity", ["strict", "preferred", "any"]).pipe(
+      Options.optional,
+      Options.withDescription("worker_affinity (default: preferred with --target, else any)")
+    ),
+    task: Options.text("task").pipe(Options.optional, Options.withDescription("valet_task_id")),
+    wait: Options.boolean("wait").pipe(
+      Options.withDescription("follow the job's events until it ends; exit 0 only if it completed")
+    )
+  },
+  (o) =>
+    Effect.gen(function* () {
+      const payload = Option.isSome(o.payload) ? yield* jsonOption("payload", o.payload.value) : undefined
+      const link = yield* Gateway.connect(o.gateway)
+      const { client, explain } = link
+      const job = yield* client
+        .submit({
+          job_type: o.jobType,
+          ...(payload === undefined ? {} : { payload }),
+          ...(Option.isSome(o.task) ? { valet_task_id: o.task.value } : {}),
+          ...(Option.isSome(o.target) ? { target_worker_id: o.target.value } : {}),
+          ...(Option.isSome(o.affinity)
+            ? { worker_affinity: o.affinity.value }
+            : Option.isSome(o.target)
+              ? { worker_affinity: "preferred" as const }
+              : {})
+        })
+        .pipe(Effect.mapError(explain))
+      if (!o.wait) {
+        return yield* print(
+          o.json,
+          job,
+          () =>
+            `submitted job ${job.id} (${job.job_type}, ${job.worker_affinity}${job.target_worker_id === null ? "" : ` → ${job.target_worker_id}`}): ${job.status}`
+        )
+      }
+      // With --json, stdout is the final job alone; the events go to stderr.
+      const show = (line: string) => (o.json ? Console.error(line) : Console.log(line))
+      yield* show(`submitted job ${job.id} (${job.job_type}); following its events`)
+      yield* Effect.forkScoped(link.reportReconnects)
+      const read = client
+        .get(job.id)
+        .pipe(
+          Effect.retry({ times: 5, while: (e) => e.code === "DISCONNECTED" || e.code === "TIMEOUT" }),
+          Effect.mapError(explain)
+        )
+      yield* client.subscribe({ job_id: job.id }, { sinceEventId: "0" }).pipe(
+        Stream.mapError(explain),
+        Stream.runForEachWhile((e) =>
+          Effect.gen(function* () {
+            yield* show(Gateway.eventLine(e))
+            if (!Gateway.endingEvents.has(e.event_type)) return true
+            return !isTerminal((yield* read).status)
+          })
+        )
+      )
+      const final = yield* read
+      yield* print(o.json, final, () => jobSummary(final))
+      if (final.status !== "completed") {
+        return yield* new InspectError({
+          message: `job ${final.id} did not complete: it ended ${final.status}`
+        })
+      }
+    }).pipe(Effect.scoped)
+).pipe(Command.withDescription("submit a job through a gateway (with --wait, follow it until it ends)"))
+
+// --- cancel <job_id> ---
+
+const cancelCommand = Command.make(
+  "cancel",
+  {
+    gateway,
+    json,
+    id: Args.text({ name: "job_id" }).pipe(Args.withDescription("the job's id (a uuid)")),
+    reason: Options.text("reason").pipe(Options.optional, Options.withDescription("recorded with the cancel"))
+  },
+  (o) =>
+    Effect.gen(function* () {
+      const { client, explain } = yield* Gateway.connect(o.gateway)
+      const state = yield* client.cancel(o.id, Option.getOrUndefined(o.reason)).pipe(Effect.mapError(explain))
+      yield* print(
+        o.json,
+        state,
+        () =>
+          `job ${state.job_id} ${state.status}${state.worker_id === null ? " (it had not started)" : ` (worker ${state.worker_id}, node ${state.node_id})`}`
+      )
+    }).pipe(Effect.scoped)
+).pipe(Command.withDescription("cancel a job through a gateway; prints the worker that ran it"))
+
+// --- resume <job_id> ---
+
+const resumeCommand = Command.make(
+  "resume",
+  {
+    gateway,
+    json,
+    id: Args.text({ name: "job_id" }).pipe(Args.withDescription("the job's id (a uuid)")),
+    by: Options.text("by").pipe(Options.withDescription("resolved_by: who answered")),
+    data: Options.text("data").pipe(Options.optional, Options.withDescription("resolution_data (JSON)"))
+  },
+  (o) =>
+    Effect.gen(function* () {
+      const data = Option.isSome(o.data) ? yield* jsonOption("data", o.data.value) : undefined
+      const { client, explain } = yield* Gateway.connect(o.gateway)
+      const state = yield* client
+        .resume(o.id, { resolved_by: o.by, ...(data === undefined ? {} : { resolution_data: data }) })
+        .pipe(Effect.mapError(explain))
+      yield* print(
+        o.json,
+        state,
+        () =>
+          `job ${state.job_id} resumed by ${o.by}: ${state.status}${state.worker_id === null ? "" : ` (worker ${state.worker_id}, node ${state.node_id})`}`
+      )
+    }).pipe(Effect.scoped)
+).pipe(Command.withDescription("resume a needs_human job through a gateway with a human's resolution"))
+
+// --- drain <worker_id> ---
+
+const drainCommand = Command.make(
+  "drain",
+  {
+    gateway,
+    json,
+    id: Args.text({ name: "worker_id" }).pipe(Args.withDescription("the worker's id")),
+    reason: Options.text("reason").pipe(Options.optional, Options.withDescription("recorded with the drain"))
+  },
+  (o) =>
+    Effect.gen(function* () {
+      const { client, explain } = yield* Gateway.connect(o.gateway)
+      const state = yield* client.drain(o.id, Option.getOrUndefined(o.reason)).pipe(Effect.mapError(explain))
+      yield* print(
+        o.json,
+        state,
+        () =>
+          `worker ${state.worker_id} (node ${state.node_id}) ${state.status}: ${state.active_job_ids.length === 0 ? "no job running" : `finishing ${state.active_job_ids.join(", ")}`}`
+      )
+    }).pipe(Effect.scoped)
+).pipe(Command.withDescription("drain a worker through a gateway: it finishes its jobs and claims no more"))
+
 /** `troupe inspect …` */
 export const command = Command.make("inspect").pipe(
   Command.withDescription(
-    "look inside a running troupe through its database (DATABASE_URL, or the embedded one started here)"
+    "look inside a running troupe through its database (DATABASE_URL, or the embedded one started here), or steer it through a gateway (watch, submit, cancel, resume, drain)"
   ),
+  // The database is opened only by the commands that read it: the gateway commands need none.
   Command.withSubcommands([
-    nodesCommand,
-    actorsCommand,
-    actorCommand,
-    sendCommand,
-    tailCommand,
-    jobsCommand,
-    jobCommand,
-    workersCommand
-  ]),
-  Command.provide(DatabaseLive)
+    Command.provide(nodesCommand, DatabaseLive),
+    Command.provide(actorsCommand, DatabaseLive),
+    Command.provide(actorCommand, DatabaseLive),
+    Command.provide(sendCommand, DatabaseLive),
+    Command.provide(tailCommand, DatabaseLive),
+    Command.provide(jobsCommand, DatabaseLive),
+    Command.provide(jobCommand, DatabaseLive),
+    Command.provide(workersCommand, DatabaseLive),
+    watchCommand,
+    submitCommand,
+    cancelCommand,
+    resumeCommand,
+    drainCommand
+  ])
 )
 
 // --- internal ---

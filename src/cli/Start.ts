@@ -10,11 +10,14 @@ import { Probe } from "../actors/Probe.ts"
 import * as CallbackDispatcher from "../runtime/CallbackDispatcher.ts"
 import { NodeConfig, PricesConfig, WorkerConfig } from "../runtime/Config.ts"
 import * as Database from "../runtime/Database.ts"
+import * as EventStream from "../runtime/EventStream.ts"
+import * as Gateway from "../runtime/Gateway.ts"
 import { defaultPrices } from "../runtime/JobHandler.ts"
 import * as Jobs from "../runtime/Jobs.ts"
 import * as Node from "../runtime/Node.ts"
 import * as Reaper from "../runtime/Reaper.ts"
 import * as Worker from "../runtime/Worker.ts"
+import * as WorkerHttp from "../runtime/WorkerHttp.ts"
 
 /** Run a node until interrupted. */
 export const run = Effect.gen(function* () {
@@ -30,10 +33,25 @@ export const run = Effect.gen(function* () {
   const roles = config.role.split("+")
   const parts: Array<string> = []
   if (roles.includes("gateway")) {
-    yield* Jobs.make(node, yield* Jobs.OptionsConfig)
+    const jobs = yield* Jobs.make(node, yield* Jobs.OptionsConfig)
     yield* Reaper.make({ nodeId: node.id })
     yield* CallbackDispatcher.makeConfig({ node, nodeId: node.id })
-    parts.push("  gateway   job service, reaper and callback dispatcher")
+    const edge = yield* Gateway.GatewayConfig
+    const { secret, source } = yield* Gateway.resolveSecret(edge.secret, config.dataDir)
+    const events = yield* EventStream.make(node)
+    const gateway = yield* Gateway.make(jobs, events, {
+      port: edge.port,
+      host: edge.host,
+      secret,
+      commitSha: process.env.COMMIT_SHA,
+      environment: process.env.NODE_ENV
+    })
+    const base = `${edge.host === "0.0.0.0" ? "127.0.0.1" : edge.host}:${gateway.port}`
+    parts.push(
+      "  gateway   job service, reaper and callback dispatcher",
+      `  edge      ws://${base}/v1/ws (protocol v1), http://${base}/api/v1/…, /health, /metrics`,
+      `            secret: ${source === "GH_SERVICE_SECRET" ? "GH_SERVICE_SECRET" : `generated, in ${displayPath(source)}`}`
+    )
   }
   if (roles.includes("worker")) {
     const wc = yield* WorkerConfig
@@ -57,8 +75,10 @@ export const run = Effect.gen(function* () {
       handlers: builtinHandlers,
       prices
     })
+    const http = yield* WorkerHttp.make(worker, yield* WorkerHttp.OptionsConfig)
     parts.push(
-      `  worker    ${worker.workerId}: up to ${wc.maxConcurrent} job(s) at a time; job types ${Object.keys(builtinHandlers).join(", ")}`
+      `  worker    ${worker.workerId}: up to ${wc.maxConcurrent} job(s) at a time; job types ${Object.keys(builtinHandlers).join(", ")}`,
+      `            http on port ${http.port}: /health, /worker/health, /worker/status, POST /worker/drain (X-Deploy-Secret)`
     )
   }
   const database = Option.match(urls.embedded, {
@@ -74,6 +94,7 @@ export const run = Effect.gen(function* () {
       ...parts,
       `  inspect   npx troupe inspect nodes | actors | actor <id> | send <id> <json> [--ask] | tail`,
       `            npx troupe inspect jobs | job <id> | workers`,
+      `            npx troupe inspect watch | submit <type> [--wait] | cancel <id> | resume <id> | drain <worker>  (through the edge)`,
       "  stop      Ctrl-C"
     ].join("\n")
   )

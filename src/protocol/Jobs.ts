@@ -110,6 +110,25 @@ export const Job = Schema.Struct({
 })
 export type Job = typeof Job.Type
 
+/** A job's state after a cancel or resume: `worker_id` is the worker that ran it. */
+export const JobState = Schema.Struct({
+  job_id: Schema.String,
+  status: Schema.String,
+  worker_id: Schema.NullOr(Schema.String),
+  node_id: Schema.String
+})
+export type JobState = typeof JobState.Type
+
+/** A worker's state after a drain. */
+export const WorkerState = Schema.Struct({
+  worker_id: Schema.String,
+  node_id: Schema.String,
+  status: Schema.Literal("active", "draining", "offline"),
+  active_job_ids: Schema.Array(Schema.String),
+  max_concurrent: Schema.Number
+})
+export type WorkerState = typeof WorkerState.Type
+
 // --- Errors ---
 
 /** The target worker cannot take the job (offline, draining, full), or died holding a strict job. */

@@ -48,3 +48,16 @@ export const WorkerConfig = Config.all({
 
 /** Model prices (`TROUPE_PRICES`, JSON: `{"model": {"input_per_mtok_usd": 3, "output_per_mtok_usd": 15}}`), merged over the defaults. */
 export const PricesConfig = Config.option(Config.string("TROUPE_PRICES"))
+
+/** A TCP port to listen on from `name` (0 picks a free one), else `fallback`. */
+export const listenPort = (name: string, fallback: number): Config.Config<number> =>
+  Config.integer(name).pipe(
+    Config.validate({
+      message: `${name} must be a port number from 0 to 65535 (0 picks a free one)`,
+      validation: (n) => n >= 0 && n <= 65535
+    }),
+    Config.withDefault(fallback)
+  )
+
+/** `TROUPE_HTTP_HOST`: the interface HTTP servers bind (default all, 0.0.0.0). */
+export const listenHost = Config.string("TROUPE_HTTP_HOST").pipe(Config.withDefault("0.0.0.0"))

@@ -858,7 +858,7 @@ const jobColumns = (alias: string) =>
   )
 
 /** A stored row as the wire shape. */
-export const toJob = (r: JobRow): Job => ({
+export const toJob = ({ woke: _woke, ...r }: JobRow & { readonly woke?: unknown }): Job => ({
   ...r,
   created_at: r.created_at.toISOString(),
   started_at: r.started_at?.toISOString() ?? null,
@@ -871,8 +871,10 @@ export const toJob = (r: JobRow): Job => ({
  */
 const json = (value: unknown) => (value === undefined ? null : JSON.stringify(value).replace(/\\u0000/g, ""))
 
+const NUL = String.fromCharCode(0)
+
 /** Text Postgres accepts (no NUL characters). */
-const text = (value: string | null | undefined) => (value == null ? null : value.replace(/\u0000/g, ""))
+const text = (value: string | null | undefined) => (value == null ? null : value.replaceAll(NUL, ""))
 
 /** Whether a value can be stored as a job's result (JSON without BigInts or cycles). */
 export const serializable = (value: unknown): boolean => {

@@ -206,7 +206,9 @@ export const make = (
                     preferredWaitMs
                   )
                   .pipe(Effect.mapError(persistence))
-                rows.forEach((row, n) => (out[slice[n]!] = JobStorage.toJob(row)))
+                rows.forEach((row, n) => {
+                  out[slice[n]!] = JobStorage.toJob(row)
+                })
               }
             })
           )

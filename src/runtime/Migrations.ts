@@ -245,11 +245,46 @@ const m0003_jobs = Effect.gen(function* () {
     END $$`)
 })
 
+/**
+ * The resumable event stream (`EventStream.ts`). Event ids come from one sequence for both
+ * tables, so an id names one event. Each row records the transaction that wrote it (`xid`):
+ * the stream is ordered by `(xid, id)` and read below the oldest running transaction, so a
+ * row that commits late cannot land behind a reader. Rows from before this migration get
+ * xid 0 (a constant default, so no table rewrite). Every insert wakes the stream's tails
+ * (`events:new`, a statement trigger; Postgres folds identical notifies of a transaction).
+ */
+const m0004_event_stream = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  // Nothing inserts while the sequences are merged.
+  yield* sql`LOCK TABLE gh_job_events, gh_worker_events IN ACCESS EXCLUSIVE MODE`
+  yield* sql`SELECT setval('gh_job_events_id_seq', GREATEST(
+      (SELECT coalesce(max(id), 0) FROM gh_job_events), (SELECT coalesce(max(id), 0) FROM gh_worker_events),
+      (SELECT last_value FROM gh_job_events_id_seq), (SELECT last_value FROM gh_worker_events_id_seq)) + 1, false)`
+  yield* sql`ALTER TABLE gh_worker_events ALTER COLUMN id SET DEFAULT nextval('gh_job_events_id_seq')`
+  yield* sql`DROP SEQUENCE gh_worker_events_id_seq`
+  for (const table of ["gh_job_events", "gh_worker_events"]) {
+    yield* sql.unsafe(`ALTER TABLE ${table} ADD COLUMN xid xid8 NOT NULL DEFAULT '0'`)
+    yield* sql.unsafe(`ALTER TABLE ${table} ALTER COLUMN xid SET DEFAULT pg_current_xact_id()`)
+    yield* sql.unsafe(`CREATE INDEX ${table}_stream ON ${table} (xid, id)`)
+  }
+  yield* sql.unsafe(`
+    CREATE FUNCTION troupe_events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      PERFORM pg_notify('events:new', '1');
+      RETURN NULL;
+    END $$`)
+  yield* sql`CREATE TRIGGER gh_job_events_notify AFTER INSERT ON gh_job_events
+    FOR EACH STATEMENT EXECUTE FUNCTION troupe_events_notify()`
+  yield* sql`CREATE TRIGGER gh_worker_events_notify AFTER INSERT ON gh_worker_events
+    FOR EACH STATEMENT EXECUTE FUNCTION troupe_events_notify()`
+})
+
 /** All migrations, by id. Append; never edit one that has shipped. */
 export const migrations: Record<string, Effect.Effect<void, unknown, SqlClient.SqlClient>> = {
   "1_runtime": m0001_runtime,
   "2_mailbox_vacuum": m0002_mailbox_vacuum,
-  "3_jobs": m0003_jobs
+  "3_jobs": m0003_jobs,
+  "4_event_stream": m0004_event_stream
 }
 
 const runMigrator = Migrator.make({})

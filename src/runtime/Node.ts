@@ -36,6 +36,7 @@ import * as Crypto from "node:crypto"
 import type * as Actor from "./Actor.ts"
 import * as ActorRegistry from "./ActorRegistry.ts"
 import { DatabaseUrls, describe, makePreparedPool, type PreparedPool } from "./Database.ts"
+import { routingLatency } from "./Histogram.ts"
 import * as MailboxStorage from "./MailboxStorage.ts"
 import * as NodeMembership from "./NodeMembership.ts"
 import * as Notifier from "./Notifier.ts"
@@ -302,6 +303,7 @@ export const make = (
         const reply = yield* Deferred.make<ReplyBody>()
         pendingAsks.set(messageId, reply)
         const sender = yield* senderOf
+        const sentAt = performance.now()
         const result = yield* send({
           messageId,
           actorId: target,
@@ -319,6 +321,7 @@ export const make = (
           }),
           Effect.ensuring(Effect.sync(() => pendingAsks.delete(messageId)))
         )
+        routingLatency.observe((performance.now() - sentAt) / 1000)
         if (result._tag === "RuntimeError") return yield* Effect.fail(result.error)
         return result.exit
       })

@@ -74,6 +74,11 @@ export interface Stats {
 export interface Worker extends WorkerActor.Control, JobActor.Runs {
   readonly workerId: string
   readonly nodeId: string
+  /** Where it runs (`EC2_INSTANCE_ID`, `EC2_IP`), as registered. */
+  readonly ec2InstanceId: string | null
+  readonly ec2Ip: string | null
+  /** When it registered (ms since the epoch). */
+  readonly startedAt: number
   readonly stats: () => Stats
   readonly runningJobIds: () => ReadonlyArray<string>
   /** Claim now (tests; NOTIFY does this in production). */
@@ -677,6 +682,9 @@ export const make = (
     const control: Worker = {
       workerId,
       nodeId,
+      ec2InstanceId: registration.ec2InstanceId,
+      ec2Ip: registration.ec2Ip,
+      startedAt: Date.now(),
       drain,
       deregister,
       status,

@@ -402,7 +402,7 @@ describe("a fleet of worker processes", () => {
               `  failed        ${strictFailed.length} strict jobs of ${victim} with WORKER_UNAVAILABLE (${strictFailedRunning.length} were running on it)`,
               `  kill          sent ${((killedAtUs - trigger[0]!.at_us) / 1000).toFixed(1)} ms after the reading that triggered it; exit seen ≤ ${((deadByUs - killedAtUs) / 1000).toFixed(1)} ms later (clock error ±${(clock.errorUs / 1000).toFixed(2)} ms)`,
               `  runs          ${runRows.length}; tightest gap between a dead run and the next attempt ${Number.isFinite(tightestGapMs) ? `${tightestGapMs.toFixed(0)} ms` : "n/a"}`,
-              `  reaper        ${JSON.stringify(reaper.stats())}`,
+              `  reaper        ${JSON.stringify(reaper?.stats())}`,
               `  timings       workers up ${((ready - began) / 1000).toFixed(1)} s, kill at +${((killed - ready) / 1000).toFixed(1)} s, all ended +${((settled - killed) / 1000).toFixed(1)} s later`
             ].join("\n")
           )

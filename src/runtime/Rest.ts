@@ -1,0 +1,458 @@
+/**
+ * The gateway's REST compatibility routes, health and metrics (`@effect/platform`), served by
+ * the gateway's HTTP server beside the WebSocket (`Gateway.ts`). A thin translation onto the
+ * job service and the monitoring queries:
+ *
+ * - `GET /health` (no auth): `Health`, with `api_healthy` from a `SELECT 1` (2 s at most);
+ *   200 when ok, 503 when degraded.
+ * - `GET /metrics` (no auth): Prometheus text format 0.0.4.
+ * - `GET /api/v1/monitoring/workers`, `POST /api/v1/workers/deregister`, `POST /api/v1/jobs`,
+ *   `GET /api/v1/jobs/:id`, `POST /api/v1/jobs/:id/cancel`, `POST /api/v1/jobs/:id/resume`,
+ *   `GET /api/v1/jobs/:id/events?since_event_id=`: everything under `/api/` needs
+ *   `Authorization: Bearer <GH_SERVICE_SECRET>` (reads too: job payloads are private).
+ *
+ * Errors answer with `RestError` (`{error: {code, message, details?}}`), the codes of the
+ * socket: 400 `INVALID_FRAME`, 401 `UNAUTHORIZED`, 404 `NOT_FOUND`, 409 `CONFLICT` and
+ * `WORKER_UNAVAILABLE`, 413 `INVALID_FRAME` (body over 1 MiB), 504 `TIMEOUT`, 500 `INTERNAL`.
+ */
+import { type HttpApp, HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { NodeHttpServerRequest } from "@effect/platform-node"
+import { SqlClient } from "@effect/sql"
+import { Cause, Config, Data, Effect, Either, ParseResult, Redacted, Schema } from "effect"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Edge from "../protocol/Edge.ts"
+import {
+  DeregisterRequest,
+  DeregisterResult,
+  Job,
+  JobState,
+  Resolution,
+  SubmitJob
+} from "../protocol/Jobs.ts"
+import type { EventStream } from "./EventStream.ts"
+import type { JobService } from "./Jobs.ts"
+import type { Monitoring } from "./Monitoring.ts"
+import { gauge } from "./Monitoring.ts"
+
+/** What the REST routes need. */
+export interface RestOptions {
+  /** The shared service secret (`GH_SERVICE_SECRET`). */
+  readonly secret: Redacted.Redacted<string>
+  readonly jobs: JobService
+  /** Job events come from the event stream, exactly as the socket's `job.events` gives them. */
+  readonly events: EventStream
+  readonly monitoring: Monitoring
+  /** The gateway's open WebSocket connections, for `/metrics`. */
+  readonly openConnections: () => number
+  /** Default: `version` of package.json. */
+  readonly version?: string
+  /** Default: `COMMIT_SHA`, else `unknown`. */
+  readonly commitSha?: string
+  /** Default: `TROUPE_ENV`, else `NODE_ENV`, else `development`. */
+  readonly environment?: string
+}
+
+/** The largest request body accepted (1 MiB, as a socket frame); a larger one gets 413. */
+export const maxBodyBytes = Edge.maxFrameBytes
+
+/** The `service` that `GET /health` reports. */
+export const serviceName = "troupe-gateway"
+
+/**
+ * Whether an `Authorization` header carries the secret (`Bearer <secret>`, scheme
+ * case-insensitive). Constant time: the sha256 digests of both are compared with
+ * `timingSafeEqual`, so neither the secret's length nor a matching prefix shows in timing.
+ */
+export const authorized = (header: string | undefined, secret: Redacted.Redacted<string>): boolean => {
+  if (header === undefined) return false
+  const match = /^\s*bearer\s+(.+?)\s*$/i.exec(header)
+  const expected = Redacted.value(secret)
+  if (match === null || expected.length === 0) return false
+  return Crypto.timingSafeEqual(digest(match[1]!), digest(expected))
+}
+
+/** The HTTP status and `RestError` body for an error of the job service (or of a route). */
+export const errorResponse = (
+  error: unknown
+): { readonly status: number; readonly body: typeof Edge.RestError.Type } => {
+  const e = error as { _tag?: string; message?: string }
+  const body = (code: Edge.ErrorCode, message: string, details?: unknown) => ({
+    error: details === undefined ? { code, message } : { code, message, details }
+  })
+  switch (e?._tag) {
+    case "RestFailure": {
+      const f = error as RestFailure
+      return { status: f.status, body: body(f.code, f.message, f.details) }
+    }
+    case "InvalidRequest":
+      return { status: 400, body: body("INVALID_FRAME", e.message!, fieldsOf(error)) }
+    case "NotFound":
+      return { status: 404, body: body("NOT_FOUND", e.message!, fieldsOf(error)) }
+    case "Conflict":
+      return { status: 409, body: body("CONFLICT", e.message!, fieldsOf(error)) }
+    case "WorkerUnavailable":
+      return { status: 409, body: body("WORKER_UNAVAILABLE", e.message!, fieldsOf(error)) }
+    case "RequestTimeout":
+      return { status: 504, body: body("TIMEOUT", e.message!, fieldsOf(error)) }
+    case "RouteNotFound": {
+      const request = (error as { request: HttpServerRequest.HttpServerRequest }).request
+      return {
+        status: 404,
+        body: body(
+          "NOT_FOUND",
+          `no route ${request.method} ${request.url.split("?")[0]}: see docs/OPERATIONS.md`
+        )
+      }
+    }
+    case "PersistenceError":
+      // The reason (a driver message) stays in the log: it may name hosts and users.
+      return {
+        status: 500,
+        body: body("INTERNAL", "the database did not answer or refused the request; retry shortly")
+      }
+    default:
+      return { status: 500, body: body("INTERNAL", "internal error; the gateway's log has the details") }
+  }
+}
+
+/** The REST routes, health and metrics as one HTTP app (serve it with `NodeHttpServer.makeHandler`). */
+export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.SqlClient> => {
+  const { jobs, monitoring, secret } = options
+
+  // --- Health ---
+
+  const health = Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    const apiHealthy = yield* sql`SELECT 1`.pipe(
+      Effect.disconnect,
+      Effect.timeout("2 seconds"),
+      Effect.as(true),
+      Effect.catchAllCause(() => Effect.succeed(false))
+    )
+    const body: Edge.Health = {
+      status: apiHealthy ? "ok" : "degraded",
+      service: serviceName,
+      version: options.version ?? packageVersion(),
+      environment: options.environment ?? (yield* environmentConfig),
+      commit_sha: options.commitSha ?? (yield* commitShaConfig),
+      api_healthy: apiHealthy,
+      timestamp: new Date().toISOString()
+    }
+    return HttpServerResponse.unsafeJson(body, { status: apiHealthy ? 200 : 503 })
+  })
+
+  // --- Metrics ---
+
+  const metrics = Effect.map(monitoring.metrics, (text) =>
+    HttpServerResponse.text(
+      text +
+        gauge("troupe_websocket_connections", "Open WebSocket connections on this gateway.", [
+          [{}, options.openConnections()]
+        ]),
+      { contentType: "text/plain; version=0.0.4; charset=utf-8" }
+    )
+  )
+
+  // --- Workers ---
+
+  const workers = Effect.map(monitoring.workers, (list) =>
+    respond(Edge.Results["workers.list"], { workers: list })
+  )
+
+  const deregister = Effect.gen(function* () {
+    const input = yield* jsonBody(false)
+    yield* validate(DeregisterRequest, input)
+    return respond(DeregisterResult, yield* jobs.deregister(input))
+  })
+
+  // --- Jobs ---
+
+  const submit = Effect.gen(function* () {
+    const input = yield* jsonBody(false)
+    yield* validate(SubmitJob, input)
+    const job = yield* jobs.submit(input)
+    return respond(Job, job, { status: 201, headers: { location: `/api/v1/jobs/${job.id}` } })
+  })
+
+  const get = Effect.gen(function* () {
+    const id = yield* jobId
+    return respond(Job, yield* jobs.get(id))
+  })
+
+  const cancel = Effect.gen(function* () {
+    const id = yield* jobId
+    const input = yield* jsonBody(true)
+    const { reason } = yield* validate(CancelBody, input ?? {})
+    return respond(JobState, yield* jobs.cancel(id, reason))
+  })
+
+  const resume = Effect.gen(function* () {
+    const id = yield* jobId
+    const input = yield* jsonBody(false)
+    yield* validate(Resolution, input)
+    return respond(JobState, yield* jobs.resume(id, input))
+  })
+
+  const events = Effect.gen(function* () {
+    const id = yield* jobId
+    const search = yield* HttpServerRequest.ParsedSearchParams
+    const since = search.since_event_id
+    if (since !== undefined && (typeof since !== "string" || !/^[0-9]{1,18}$/.test(since))) {
+      return yield* new RestFailure({
+        status: 400,
+        code: "INVALID_FRAME",
+        message: "since_event_id must be one event id (a number)",
+        details: { since_event_id: since }
+      })
+    }
+    const list = yield* options.events.history(id, { sinceEventId: since })
+    return respond(Edge.Results["job.events"], { events: list })
+  })
+
+  const router = HttpRouter.empty.pipe(
+    HttpRouter.get("/health", health),
+    HttpRouter.get("/metrics", metrics),
+    HttpRouter.get("/api/v1/monitoring/workers", workers),
+    HttpRouter.post("/api/v1/workers/deregister", deregister),
+    HttpRouter.post("/api/v1/jobs", submit),
+    HttpRouter.get("/api/v1/jobs/:id", get),
+    HttpRouter.post("/api/v1/jobs/:id/cancel", cancel),
+    HttpRouter.post("/api/v1/jobs/:id/resume", resume),
+    HttpRouter.get("/api/v1/jobs/:id/events", events)
+  )
+
+  return Effect.gen(function* () {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    // Before routing: an unauthenticated caller learns nothing, not even which routes exist.
+    if (request.url.startsWith("/api/") && !authorized(request.headers.authorization, secret)) {
+      return yield* new RestFailure({
+        status: 401,
+        code: "UNAUTHORIZED",
+        message: "missing or wrong service secret: send Authorization: Bearer <GH_SERVICE_SECRET>"
+      })
+    }
+    return yield* router
+  }).pipe(
+    Effect.catchAllCause((cause) =>
+      Effect.gen(function* () {
+        if (Cause.isInterruptedOnly(cause)) return yield* Effect.interrupt
+        const failure = Cause.failureOption(cause)
+        const error = failure._tag === "Some" ? failure.value : undefined
+        const { status, body } = errorResponse(error)
+        if (status === 500) {
+          const request = yield* HttpServerRequest.HttpServerRequest
+          yield* Effect.logWarning(
+            `${request.method} ${request.url.split("?")[0]} failed`,
+            redactCause(cause)
+          )
+        }
+        const response = HttpServerResponse.unsafeJson(body, { status })
+        return status === 401
+          ? HttpServerResponse.setHeader(response, "www-authenticate", "Bearer")
+          : response
+      })
+    )
+  )
+}
+
+// --- internal ---
+
+/** A request refused by a route itself (auth, body, parameters). */
+class RestFailure extends Data.TaggedError("RestFailure")<{
+  readonly status: number
+  readonly code: Edge.ErrorCode
+  readonly message: string
+  readonly details?: unknown
+}> {}
+
+/**
+ * A JSON response of exactly the protocol's shape: encoded with its Schema, which drops any
+ * field outside the contract (a service's internal column, say).
+ */
+const respond = <A, I>(
+  schema: Schema.Schema<A, I, never>,
+  value: A,
+  options?: { readonly status?: number; readonly headers?: Record<string, string> }
+) => HttpServerResponse.unsafeJson(Schema.encodeSync(schema)(value), options)
+
+const digest = (s: string) => Crypto.createHash("sha256").update(s, "utf8").digest()
+
+/** An error's own fields as `details`, without its tag and code. */
+const fieldsOf = (error: unknown): Record<string, unknown> => {
+  const { _tag, code, ...fields } = error as Record<string, unknown>
+  return fields
+}
+
+const commitShaConfig = Config.string("COMMIT_SHA").pipe(Config.withDefault("unknown"), Effect.orDie)
+const environmentConfig = Config.string("TROUPE_ENV").pipe(
+  Config.orElse(() => Config.string("NODE_ENV")),
+  Config.withDefault("development"),
+  Effect.orDie
+)
+
+let cachedVersion: string | undefined
+/** `version` of the package.json beside `src/`. */
+const packageVersion = (): string => {
+  if (cachedVersion === undefined) {
+    const read = Either.try(() =>
+      Fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8")
+    ).pipe(Either.flatMap((text) => decodePackage(text)))
+    cachedVersion = Either.isRight(read) ? read.right.version : "unknown"
+  }
+  return cachedVersion
+}
+const decodePackage = Schema.decodeUnknownEither(Schema.parseJson(Schema.Struct({ version: Schema.String })))
+
+const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
+/** The `:id` of a job route; an id that is not a uuid names no job (404). */
+const jobId = Effect.flatMap(HttpRouter.params, (params) => {
+  const id = params.id ?? ""
+  return uuidPattern.test(id)
+    ? Effect.succeed(id)
+    : Effect.fail(
+        new RestFailure({
+          status: 404,
+          code: "NOT_FOUND",
+          message: `no job "${id.slice(0, 80)}": job ids are uuids`,
+          details: { what: "job", id: id.slice(0, 200) }
+        })
+      )
+})
+
+const tooLarge = () =>
+  new RestFailure({
+    status: 413,
+    code: "INVALID_FRAME",
+    message: `the body is larger than ${maxBodyBytes} bytes`,
+    details: { max_bytes: maxBodyBytes }
+  })
+
+/**
+ * The request body as JSON (at most `maxBodyBytes`; `undefined` for an empty body when
+ * `optional`). Read from the Node request directly: past the limit it stops collecting and
+ * lets Node discard the rest, so the 413 still reaches the client (the platform's limit
+ * destroys the socket instead).
+ */
+const jsonBody = (optional: boolean) =>
+  Effect.gen(function* () {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const declared = Number(request.headers["content-length"] ?? "0")
+    if (declared > maxBodyBytes) return yield* tooLarge()
+    const source = NodeHttpServerRequest.toIncomingMessage(request)
+    const text = yield* Effect.async<string, RestFailure>((resume) => {
+      const chunks: Array<Buffer> = []
+      let bytes = 0
+      const cleanup = () => {
+        source.off("data", onData)
+        source.off("end", onEnd)
+        source.off("error", onError)
+      }
+      const onData = (chunk: Buffer) => {
+        bytes += chunk.length
+        if (bytes > maxBodyBytes) {
+          cleanup()
+          source.resume()
+          resume(Effect.fail(tooLarge()))
+        } else chunks.push(chunk)
+      }
+      const onEnd = () => {
+        cleanup()
+        resume(Effect.succeed(Buffer.concat(chunks).toString("utf8")))
+      }
+      const onError = () => {
+        cleanup()
+        resume(
+          Effect.fail(
+            new RestFailure({
+              status: 400,
+              code: "INVALID_FRAME",
+              message: "the request body could not be read"
+            })
+          )
+        )
+      }
+      source.on("data", onData)
+      source.on("end", onEnd)
+      source.on("error", onError)
+      return Effect.sync(cleanup)
+    })
+    if (text.trim().length === 0) {
+      if (optional) return undefined
+      return yield* new RestFailure({
+        status: 400,
+        code: "INVALID_FRAME",
+        message: "the body is empty: send a JSON object"
+      })
+    }
+    const parsed = decodeJson(text)
+    if (Either.isLeft(parsed)) {
+      return yield* new RestFailure({
+        status: 400,
+        code: "INVALID_FRAME",
+        message: "the body is not valid JSON"
+      })
+    }
+    const malformed = malformedValue(parsed.right)
+    if (malformed !== undefined) {
+      return yield* new RestFailure({
+        status: 400,
+        code: "INVALID_FRAME",
+        message: `invalid request: ${malformed}`
+      })
+    }
+    return parsed.right
+  })
+const decodeJson = Schema.decodeUnknownEither(Schema.parseJson())
+
+/** The deepest nesting a frame or body may have (the Schema formatter and JSON.stringify recurse). */
+const maxDepth = 64
+
+const unpairedSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
+
+/**
+ * Why a parsed frame (or REST body) cannot be handled, if it cannot: nested deeper than `maxDepth`, or a
+ * string or key holding U+0000 or an unpaired surrogate (Postgres stores neither in text or
+ * jsonb). Iterative, so a frame nested 100,000 deep cannot overflow the stack.
+ */
+export const malformedValue = (json: unknown): string | undefined => {
+  const badString = (s: string) => s.includes("\u0000") || unpairedSurrogate.test(s)
+  const stack: Array<readonly [unknown, number]> = [[json, 1]]
+  while (stack.length > 0) {
+    const [value, depth] = stack.pop()!
+    if (typeof value === "string") {
+      if (badString(value)) return "a string holds U+0000 or an unpaired surrogate; send well-formed text"
+    } else if (typeof value === "object" && value !== null) {
+      if (depth > maxDepth) return `nested deeper than ${maxDepth} levels`
+      for (const [key, item] of Object.entries(value)) {
+        if (badString(key)) return "a key holds U+0000 or an unpaired surrogate; send well-formed text"
+        stack.push([item, depth + 1])
+      }
+    }
+  }
+  return undefined
+}
+
+/** Check a body against its Schema (unknown fields are errors), with the issues as `details`. */
+const validate = <A, I>(schema: Schema.Schema<A, I, never>, input: unknown) =>
+  Effect.suspend(() => {
+    const decoded = Schema.decodeUnknownEither(schema)(input, { onExcessProperty: "error", errors: "all" })
+    if (Either.isRight(decoded)) return Effect.succeed(decoded.right)
+    return Effect.fail(
+      new RestFailure({
+        status: 400,
+        code: "INVALID_FRAME",
+        message: "the body does not match its schema",
+        details: { issues: ParseResult.ArrayFormatter.formatErrorSync(decoded.left).slice(0, 20) }
+      })
+    )
+  })
+
+const CancelBody = Schema.Struct({
+  reason: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200)))
+})
+
+/** A cause for the log, with any `scheme://user:password@` in its text masked. */
+const redactCause = (cause: Cause.Cause<unknown>) =>
+  Cause.pretty(cause).replace(/([a-z][a-z0-9+.-]*:\/\/[^:/@\s]+:)[^@\s]+@/gi, "$1***@")

@@ -1,0 +1,256 @@
+/**
+ * A worker node's HTTP port (`GH_WORKER_PORT`, default 3101): what deploy tooling and load
+ * balancers ask a worker machine directly. `GET /health` (a real database check; 200 when
+ * ok, 503 when degraded), `GET /worker/health` (may this machine be redeployed now?),
+ * `GET /worker/status`, and `POST /worker/drain` behind `X-Deploy-Secret` =
+ * `GH_DEPLOY_SECRET`. The shapes are `Health`, `WorkerHealth`, `WorkerStatus` and
+ * `RestError` of `src/protocol/Edge.ts`, and `DrainResult` here. `/worker/health` and
+ * `/worker/status` read the worker's memory only, so they answer during a database outage.
+ */
+import {
+  Headers,
+  HttpRouter,
+  type HttpServerError,
+  HttpServerRequest,
+  HttpServerResponse
+} from "@effect/platform"
+import { NodeHttpServer } from "@effect/platform-node"
+import { SqlClient } from "@effect/sql"
+import { Cause, Config, Duration, Effect, Option, Redacted, Schema, type Scope } from "effect"
+import * as Crypto from "node:crypto"
+import * as Http from "node:http"
+import packageJson from "../../package.json" with { type: "json" }
+import { type ErrorCode, Health, RestError, WorkerHealth, WorkerStatus } from "../protocol/Edge.ts"
+import { listenHost, listenPort } from "./Config.ts"
+import type { Worker } from "./Worker.ts"
+
+/** Options of a worker node's HTTP server. */
+export interface Options {
+  /** `GH_WORKER_PORT` (default 3101); 0 binds an ephemeral port. */
+  readonly port?: number
+  /** `TROUPE_HTTP_HOST` (default `0.0.0.0`). */
+  readonly host?: string
+  /** `GH_DEPLOY_SECRET`; unset or empty, `POST /worker/drain` answers 503. */
+  readonly deploySecret?: Redacted.Redacted<string> | undefined
+  /** `NODE_ENV` (default `development`). */
+  readonly environment?: string
+  /** `COMMIT_SHA` (default `unknown`). */
+  readonly commitSha?: string
+  /** How long the `SELECT 1` of `GET /health` may take before the database counts as down (default 2 s). */
+  readonly healthTimeout?: Duration.DurationInput
+}
+
+/** `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, `NODE_ENV`, `COMMIT_SHA`. */
+export const OptionsConfig: Config.Config<Options> = Config.all({
+  port: listenPort("GH_WORKER_PORT", 3101),
+  host: listenHost,
+  deploySecret: Config.option(Config.redacted("GH_DEPLOY_SECRET")).pipe(Config.map(Option.getOrUndefined)),
+  environment: Config.string("NODE_ENV").pipe(Config.withDefault("development")),
+  commitSha: Config.string("COMMIT_SHA").pipe(Config.withDefault("unknown"))
+})
+
+/** The answer to a successful `POST /worker/drain`. */
+export const DrainResult = Schema.Struct({
+  ok: Schema.Literal(true),
+  worker_id: Schema.String,
+  status: Schema.Literal("draining"),
+  /** Jobs still running; they finish, nothing new is claimed. */
+  active_jobs: Schema.Number
+})
+export type DrainResult = typeof DrainResult.Type
+
+/** The optional body of `POST /worker/drain`. */
+export const DrainRequest = Schema.Struct({
+  reason: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200)))
+})
+
+/** The service name `GET /health` reports. */
+export const service = "troupe-worker"
+
+/** A running worker HTTP server. */
+export interface WorkerHttp {
+  /** The bound port (the ephemeral one when asked for port 0). */
+  readonly port: number
+  readonly host: string
+}
+
+/** Serve a worker's HTTP routes until the scope closes. */
+export const make = (
+  worker: Worker,
+  options: Options = {}
+): Effect.Effect<WorkerHttp, HttpServerError.ServeError, SqlClient.SqlClient | Scope.Scope> =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    const host = options.host ?? "0.0.0.0"
+    const environment = options.environment ?? "development"
+    const commitSha = options.commitSha ?? "unknown"
+    const healthTimeout = Duration.decode(options.healthTimeout ?? "2 seconds")
+    const secret = options.deploySecret ? Redacted.value(options.deploySecret) : ""
+    const secretDigest = secret === "" ? undefined : sha256(secret)
+
+    // --- Routes ---
+
+    const databaseHealthy = sql`SELECT 1`.pipe(
+      Effect.timeout(healthTimeout),
+      Effect.as(true),
+      Effect.catchAllCause(() => Effect.succeed(false))
+    )
+
+    const health = Effect.gen(function* () {
+      const apiHealthy = yield* databaseHealthy
+      return yield* json(
+        Health,
+        {
+          status: apiHealthy ? "ok" : "degraded",
+          service,
+          version: packageJson.version,
+          environment,
+          commit_sha: commitSha,
+          api_healthy: apiHealthy,
+          timestamp: new Date().toISOString()
+        },
+        apiHealthy ? 200 : 503
+      )
+    })
+
+    const workerHealth = Effect.gen(function* () {
+      const state = yield* worker.status
+      const active = state.active_job_ids.length
+      return yield* json(WorkerHealth, {
+        status: state.status !== "active" ? "draining" : active > 0 ? "busy" : "idle",
+        active_jobs: active,
+        deploy_safe: active === 0
+      })
+    })
+
+    const workerStatus = Effect.gen(function* () {
+      const state = yield* worker.status
+      return yield* json(WorkerStatus, {
+        worker_id: worker.workerId,
+        ec2_instance_id: worker.ec2InstanceId,
+        ec2_ip: worker.ec2Ip,
+        active_jobs: state.active_job_ids.length,
+        max_concurrent: state.max_concurrent,
+        is_running: state.status !== "offline",
+        is_draining: state.status === "draining",
+        uptime_ms: Date.now() - worker.startedAt
+      })
+    })
+
+    const drain = Effect.gen(function* () {
+      const request = yield* HttpServerRequest.HttpServerRequest
+      if (secretDigest === undefined) {
+        return failure(
+          503,
+          "INTERNAL",
+          "GH_DEPLOY_SECRET is not set on this worker, so /worker/drain is disabled: set it and restart the worker"
+        )
+      }
+      const given = request.headers["x-deploy-secret"]
+      if (given === undefined || !Crypto.timingSafeEqual(sha256(given), secretDigest)) {
+        return failure(
+          401,
+          "UNAUTHORIZED",
+          `${given === undefined ? "missing" : "wrong"} X-Deploy-Secret header: send the worker's GH_DEPLOY_SECRET`
+        )
+      }
+      const body = yield* request.text.pipe(
+        Effect.flatMap((text) =>
+          text.trim() === ""
+            ? Effect.succeed<typeof DrainRequest.Type>({})
+            : Schema.decodeUnknown(Schema.parseJson(DrainRequest))(text)
+        ),
+        Effect.either
+      )
+      if (body._tag === "Left") {
+        return failure(
+          400,
+          "INVALID_FRAME",
+          'the body must be empty or JSON {"reason": "…"} (1 to 200 characters)'
+        )
+      }
+      const state = yield* worker.drain(body.right.reason ?? "drain requested over the worker's HTTP port")
+      if (state.status === "offline") {
+        return failure(
+          409,
+          "CONFLICT",
+          `worker ${worker.workerId} is deregistered: it claims no jobs already`
+        )
+      }
+      return yield* json(DrainResult, {
+        ok: true,
+        worker_id: worker.workerId,
+        status: "draining",
+        active_jobs: state.active_job_ids.length
+      })
+    })
+
+    const router = HttpRouter.empty.pipe(
+      HttpRouter.get("/health", health),
+      HttpRouter.get("/worker/health", workerHealth),
+      HttpRouter.get("/worker/status", workerStatus),
+      HttpRouter.post("/worker/drain", drain)
+    )
+
+    const app = router.pipe(
+      Effect.catchTag("RouteNotFound", (e) => Effect.succeed(notFound(e.request))),
+      Effect.catchAllCause((cause) =>
+        Cause.isInterruptedOnly(cause)
+          ? Effect.failCause(cause)
+          : Effect.as(
+              Effect.logError("worker http: request failed", cause),
+              failure(500, "INTERNAL", "the worker could not answer this request; see its log")
+            )
+      )
+    )
+
+    // --- Serve ---
+
+    const server = yield* NodeHttpServer.make(() => Http.createServer(), { port: options.port ?? 3101, host })
+    yield* server.serve(app)
+    const address = server.address
+    return {
+      port: address._tag === "TcpAddress" ? address.port : 0,
+      host
+    }
+  })
+
+// --- internal ---
+
+/** The methods each path answers (for 405 and its `Allow` header). */
+const allowed: Record<string, string> = {
+  "/health": "GET, HEAD",
+  "/worker/health": "GET, HEAD",
+  "/worker/status": "GET, HEAD",
+  "/worker/drain": "POST"
+}
+
+const sha256 = (text: string) => Crypto.createHash("sha256").update(text, "utf8").digest()
+
+const json = <A, I>(schema: Schema.Schema<A, I>, body: NoInfer<A>, status = 200) =>
+  HttpServerResponse.schemaJson(schema)(body, { status }).pipe(Effect.orDie)
+
+const failure = (status: number, code: ErrorCode, message: string, headers?: Headers.Input) =>
+  HttpServerResponse.unsafeJson(Schema.encodeSync(RestError)({ error: { code, message } }), {
+    status,
+    ...(headers ? { headers } : {})
+  })
+
+const notFound = (request: HttpServerRequest.HttpServerRequest) => {
+  const query = request.url.indexOf("?")
+  const path = query === -1 ? request.url : request.url.slice(0, query)
+  const methods = allowed[path]
+  if (methods === undefined) {
+    return failure(
+      404,
+      "NOT_FOUND",
+      `no route ${request.method} ${path}: a worker answers GET /health, GET /worker/health, GET /worker/status and POST /worker/drain`
+    )
+  }
+  return failure(
+    405,
+    "INVALID_FRAME",
+    `${path} does not answer ${request.method}: use ${methods}`,
+    Headers.fromInput({ allow: methods })
+  )
+}
