@@ -225,7 +225,9 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
   return Effect.gen(function* () {
     const request = yield* HttpServerRequest.HttpServerRequest
     // Before routing: an unauthenticated caller learns nothing, not even which routes exist.
-    if (request.url.startsWith("/api/") && !authorized(request.headers.authorization, secret)) {
+    // Everything but the two public paths, spelled exactly, needs the secret: the router
+    // ignores case, merges slashes and decodes `%xx`, so `//API/v1/…` must not slip past.
+    if (!publicPaths.has(request.url.split("?")[0]!) && !authorized(request.headers.authorization, secret)) {
       return yield* new RestFailure({
         status: 401,
         code: "UNAUTHORIZED",
@@ -257,6 +259,9 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
 }
 
 // --- internal ---
+
+/** The paths anyone may read (load balancers, Prometheus): everything else needs the secret. */
+const publicPaths = new Set(["/health", "/metrics"])
 
 /** A request refused by a route itself (auth, body, parameters). */
 class RestFailure extends Data.TaggedError("RestFailure")<{

@@ -285,7 +285,17 @@ describe("REST compatibility routes, health and metrics", () => {
           ["POST", `/api/v1/jobs/${job.id}/resume`, { resolved_by: "human" }],
           ["GET", `/api/v1/jobs/${job.id}/events`],
           // Not even whether a route exists.
-          ["GET", "/api/v1/no-such-route"]
+          ["GET", "/api/v1/no-such-route"],
+          // Spellings the router takes for the same routes (it ignores case, merges slashes,
+          // decodes %xx): none of them gets past the secret.
+          ["POST", "//api/v1/jobs", { job_type: "noop" }],
+          ["POST", `/API/v1/jobs/${job.id}/cancel`, { reason: "should not happen" }],
+          [
+            "POST",
+            "/%61pi/v1/workers/deregister",
+            { target_worker_id: "sandbox-auth", cancel_active_jobs: true }
+          ],
+          ["GET", "/Api/v1/monitoring/workers"]
         ]
         const wrongs: ReadonlyArray<string | null> = [
           null,
@@ -589,8 +599,11 @@ describe("REST compatibility routes, health and metrics", () => {
         expect(justUnder.status).toBe(201)
 
         // Unknown routes.
-        const unknown = yield* call(base, "GET", "/nope", { auth: null })
+        const unknown = yield* call(base, "GET", "/nope")
         expectError(unknown, 404, "NOT_FOUND")
+        // Without the secret only /health and /metrics answer: the rest is 401, routes or not.
+        expectError(yield* call(base, "GET", "/nope", { auth: null }), 401, "UNAUTHORIZED")
+        expectError(yield* call(base, "GET", "/Health/", { auth: null }), 401, "UNAUTHORIZED")
         const wrongMethod = yield* call(base, "DELETE", `/api/v1/jobs/${missing}`)
         expectError(wrongMethod, 404, "NOT_FOUND")
       })
