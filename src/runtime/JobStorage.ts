@@ -20,6 +20,41 @@ export const nodeJobsChannel = (nodeId: string): string => `jobs:${nodeId}`
 /** The NOTIFY channel every worker listens on: a job anyone may claim. */
 export const anyJobsChannel = "jobs:any"
 
+/**
+ * A NOTIFY payload is at most 8,000 bytes: a job handed to a worker travels in it when it
+ * fits in this many, else only its id does (`Pushed.fetch`).
+ */
+export const maxPushBytes = 7_900
+
+/**
+ * What the NOTIFY on `jobs:<node>` carries when `insertAny` hands a job to a worker: the
+ * job (a `Claimed`), or with `fetch` only its id and attempt. Other payloads on that
+ * channel are a job id (a wake-up).
+ */
+export type Pushed =
+  | (Claimed & { readonly worker_id: string; readonly fetch?: undefined })
+  | {
+      readonly id: string
+      readonly worker_id: string
+      readonly attempts: number
+      readonly fetch: true
+    }
+
+/** Read a `jobs:<node>` payload: a handed job, or undefined for a wake-up. */
+export const parsePushed = (payload: string): Pushed | undefined => {
+  if (!payload.startsWith("{")) return undefined
+  try {
+    const value = JSON.parse(payload) as Pushed
+    return typeof value.id === "string" &&
+      typeof value.worker_id === "string" &&
+      typeof value.attempts === "number"
+      ? value
+      : undefined
+  } catch {
+    return undefined
+  }
+}
+
 /** A claimed job, as the worker runs it. */
 export interface Claimed {
   readonly id: string
@@ -112,20 +147,59 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
             )
           : insertOne(job, preferredWaitMs)
 
-    /** A job without a target: the insert and a NOTIFY to every worker, nothing else to decide. */
+    /**
+     * A job without a target. When a worker has a free slot on offer (`offer`), the job is
+     * handed to it in this statement: it is inserted `running` under attempt 1 for that
+     * worker, its `job:<id>` actor is placed on the worker's node, and the NOTIFY to that
+     * node carries the job (`Pushed`), so the worker starts the handler without a claim.
+     * Otherwise it is queued and every worker is woken.
+     */
     const insertAny = (job: SubmitJob) =>
       hot(
         "troupe_job_insert_any",
         sql<JobRow & { woke: string }>`
-      WITH ins AS (
+      WITH offer AS (
+        DELETE FROM job_offers WHERE id = (
+          SELECT o.id FROM job_offers o
+          JOIN gh_worker_registry w ON w.worker_id = o.worker_id AND w.node_id = o.node_id AND w.status = 'active'
+          JOIN nodes n ON n.id = o.node_id AND n.status = 'running'
+          ORDER BY o.id LIMIT 1
+          FOR UPDATE OF o SKIP LOCKED)
+        RETURNING worker_id, node_id
+      ),
+      ins AS (
         INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, worker_affinity, callback_url, priority,
-          max_attempts, timeout_seconds)
-        VALUES (${job.valet_task_id}::text, ${job.job_type}::text, ${JSON.stringify(job.payload ?? {})}::jsonb,
+          max_attempts, timeout_seconds, status, worker_id, node_id, attempts, started_at, deadline_at)
+        SELECT ${job.valet_task_id}::text, ${job.job_type}::text, ${JSON.stringify(job.payload ?? {})}::jsonb,
           ${job.worker_affinity}::text, ${job.callback_url}::text, ${job.priority}::int, ${job.max_attempts}::int,
-          ${job.timeout_seconds}::int)
+          ${job.timeout_seconds}::int,
+          CASE WHEN o.worker_id IS NULL THEN 'queued' ELSE 'running' END, o.worker_id, o.node_id,
+          CASE WHEN o.worker_id IS NULL THEN 0 ELSE 1 END,
+          CASE WHEN o.worker_id IS NOT NULL THEN now() END,
+          CASE WHEN o.worker_id IS NOT NULL AND ${job.timeout_seconds}::int IS NOT NULL
+               THEN now() + make_interval(secs => ${job.timeout_seconds}::int) END
+        FROM (VALUES (1)) v LEFT JOIN offer o ON true
         RETURNING *
+      ),
+      placed AS (
+        INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
+        SELECT 'job:' || id, 'job', node_id, attempts FROM ins WHERE node_id IS NOT NULL
+        ON CONFLICT (actor_id) DO UPDATE SET node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch,
+          status = 'active', updated_at = now()
+        RETURNING 1
       )
-      SELECT ${jobColumns("ins")}, pg_notify('jobs:any', ins.id::text) IS NULL AS woke FROM ins`
+      SELECT ${jobColumns("ins")},
+        CASE WHEN ins.node_id IS NULL THEN pg_notify('jobs:any', ins.id::text)
+             ELSE pg_notify('jobs:' || ins.node_id, (
+               SELECT CASE WHEN octet_length(p) <= ${maxPushBytes}::int THEN p
+                 ELSE json_build_object('id', ins.id, 'worker_id', ins.worker_id, 'attempts', ins.attempts,
+                                        'fetch', true)::text END
+               FROM (SELECT json_build_object('id', ins.id, 'worker_id', ins.worker_id, 'attempts', ins.attempts,
+                 'job_type', ins.job_type, 'payload', ins.payload, 'timeout_seconds', ins.timeout_seconds,
+                 'worker_affinity', ins.worker_affinity, 'target_worker_id', ins.target_worker_id,
+                 'valet_task_id', ins.valet_task_id, 'cost', ins.cost)::text AS p) x))
+        END IS NULL AS woke
+      FROM ins WHERE (SELECT count(*) FROM placed) >= 0`
       ).pipe(Effect.map((rows) => rows[0]))
 
     const insertOne = (job: SubmitJob, preferredWaitMs: number) =>
@@ -189,25 +263,37 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       )
 
     /**
-     * Claim up to `limit` jobs this worker may run, oldest of the highest priority first:
-     * mark them running under a new attempt, place their `job:<id>` actors on this node
-     * (moving any messages waiting for an earlier placement), write `job_started` and its
-     * callback, and point the worker's `current_job_id` at one of them. One statement.
+     * Claim the jobs this worker may run, oldest of the highest priority first, up to its
+     * `free` slots plus those it had on offer (withdrawn here, `withdraw`): mark them running
+     * under a new attempt, place their `job:<id>` actors on this node (moving any messages
+     * waiting for an earlier placement). With `lend`, the slots the queue could not fill are
+     * put on offer (`insertAny` hands the next jobs straight to them). One statement; the
+     * last row (`id` null) carries how many offers were withdrawn and lent.
      */
-    const claim = (worker: WorkerRegistration, limit: number) =>
+    const claim = (
+      worker: WorkerRegistration,
+      free: number,
+      options: { readonly withdraw: boolean; readonly lend: boolean }
+    ) =>
       hot(
         "troupe_job_claim",
-        sql<Claimed & { attempts: number }>`
-      WITH picked AS (
+        sql<Claimed & { attempts: number; withdrawn: number; lent: number }>`
+      WITH gone AS (
+        DELETE FROM job_offers WHERE worker_id = ${worker.workerId}::text AND ${options.withdraw}::bool
+        RETURNING 1
+      ),
+      lim AS (SELECT ${free}::int + (SELECT count(*) FROM gone)::int AS n),
+      active AS (SELECT 1 FROM gh_worker_registry WHERE worker_id = ${worker.workerId}::text AND status = 'active'),
+      picked AS (
         SELECT id FROM gh_automation_jobs
         WHERE status = 'queued' AND run_at <= now()
           AND (worker_affinity = 'any'
                OR target_worker_id = ${worker.workerId}::text
                OR target_worker_id = ${worker.targetWorkerId}::text
                OR (worker_affinity = 'preferred' AND open_at <= now()))
-          AND EXISTS (SELECT 1 FROM gh_worker_registry WHERE worker_id = ${worker.workerId} AND status = 'active')
+          AND EXISTS (SELECT 1 FROM active)
         ORDER BY priority DESC, created_at, id
-        LIMIT ${limit}
+        LIMIT (SELECT n FROM lim)
         FOR UPDATE SKIP LOCKED
       ),
       claimed AS (
@@ -234,12 +320,69 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       woke AS (
         SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1
         UNION ALL SELECT pg_notify('node:' || ${worker.nodeId}::text, 'm') FROM (SELECT 1 FROM moved LIMIT 1) x
+      ),
+      lent AS (
+        INSERT INTO job_offers (worker_id, node_id)
+        SELECT ${worker.workerId}::text, ${worker.nodeId}::text
+        FROM generate_series(1, (SELECT n FROM lim) - (SELECT count(*) FROM claimed)::int)
+        WHERE ${options.lend}::bool AND EXISTS (SELECT 1 FROM active)
+        RETURNING 1
       )
       SELECT (c.job).id::text AS id, (c.job).job_type, (c.job).payload, (c.job).attempts, (c.job).timeout_seconds,
-        (c.job).worker_affinity, (c.job).target_worker_id, (c.job).valet_task_id, (c.job).cost
+        (c.job).worker_affinity, (c.job).target_worker_id, (c.job).valet_task_id, (c.job).cost,
+        0 AS withdrawn, 0 AS lent
       FROM claimed c
       WHERE (SELECT count(*) FROM placed) >= 0 AND (SELECT count(*) FROM moved) >= 0
-        AND (SELECT count(*) FROM woke) >= 0`
+        AND (SELECT count(*) FROM woke) >= 0
+      UNION ALL
+      SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+        (SELECT count(*) FROM gone)::int, (SELECT count(*) FROM lent)::int`
+      ).pipe(
+        Effect.map((rows) => {
+          const last = rows.at(-1)
+          return {
+            rows: rows.filter((r) => r.id !== null) as ReadonlyArray<Claimed>,
+            withdrawn: last?.withdrawn ?? 0,
+            lent: last?.lent ?? 0
+          }
+        })
+      )
+
+    /** Take back every slot a worker has on offer; returns how many were still there. */
+    const withdraw = (workerId: string) =>
+      Effect.map(
+        sql<{
+          n: number
+        }>`WITH gone AS (DELETE FROM job_offers WHERE worker_id = ${workerId}::text RETURNING 1)
+          SELECT count(*)::int AS n FROM gone`.withoutTransform,
+        (rows) => rows[0]?.n ?? 0
+      )
+
+    /**
+     * Jobs handed to this worker (`insertAny`) that it has not started: it is not running
+     * them (`known`) and no `job_started` was written for their attempt. What a worker
+     * adopts when a NOTIFY may have been missed (a reconnect, a poll).
+     */
+    const handed = (worker: WorkerRegistration, known: ReadonlyArray<string>) =>
+      sql<Claimed>`
+      SELECT j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity,
+        j.target_worker_id, j.valet_task_id, j.cost
+      FROM gh_automation_jobs j
+      WHERE j.worker_id = ${worker.workerId}::text AND j.status = 'running' AND j.node_id = ${worker.nodeId}::text
+        AND NOT (j.id = ANY(${known}::uuid[]))
+        AND NOT EXISTS (SELECT 1 FROM gh_job_events e WHERE e.job_id = j.id AND e.event_type = 'job_started'
+                          AND (e.metadata->>'attempt')::int = j.attempts)`.withoutTransform
+
+    /** A job handed to this worker whose NOTIFY was too large to carry it. */
+    const handedOne = (worker: WorkerRegistration, jobId: string, attempts: number) =>
+      Effect.map(
+        sql<Claimed>`
+      SELECT j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity,
+        j.target_worker_id, j.valet_task_id, j.cost
+      FROM gh_automation_jobs j
+      WHERE j.id = ${jobId}::uuid AND j.attempts = ${attempts}::int AND j.worker_id = ${worker.workerId}::text
+        AND j.status = 'running'`.withoutTransform,
+        (rows) => rows[0]
       )
 
     /**
@@ -595,8 +738,14 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         INSERT INTO gh_worker_events (worker_id, event_type, message, metadata)
         SELECT worker_id, 'worker_offline', 'Worker stopped answering (its node is gone)', jsonb_build_object('reason', 'node_dead')
         FROM off RETURNING 1
+      ),
+      -- Slots on offer from workers that are not active (gone now, or left without withdrawing).
+      stale AS (
+        DELETE FROM job_offers o WHERE o.worker_id IN (SELECT worker_id FROM off)
+          OR NOT EXISTS (SELECT 1 FROM gh_worker_registry w WHERE w.worker_id = o.worker_id AND w.status = 'active')
+        RETURNING 1
       )
-      SELECT worker_id FROM off WHERE (SELECT count(*) FROM ev) >= 0`.withoutTransform.pipe(
+      SELECT worker_id FROM off WHERE (SELECT count(*) FROM ev) >= 0 AND (SELECT count(*) FROM stale) >= 0`.withoutTransform.pipe(
         Effect.tap((rows) =>
           rows.length === 0
             ? Effect.void
@@ -765,6 +914,9 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       insert,
       targetState,
       claim,
+      withdraw,
+      handed,
+      handedOne,
       started,
       finish,
       finishMany,

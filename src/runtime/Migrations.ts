@@ -279,12 +279,30 @@ const m0004_event_stream = Effect.gen(function* () {
     FOR EACH STATEMENT EXECUTE FUNCTION troupe_events_notify()`
 })
 
+/**
+ * Offers (`Worker.ts`, `JobStorage.insertAny`): an idle worker publishes one row per free
+ * slot; a submit of an `any` job takes one (`FOR UPDATE SKIP LOCKED`) and hands the job to
+ * that worker in the same statement, so the worker starts it from the NOTIFY without a claim.
+ */
+const m0005_job_offers = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  yield* sql`
+    CREATE TABLE job_offers (
+      id bigserial PRIMARY KEY,
+      worker_id text NOT NULL,
+      node_id text NOT NULL,
+      created_at timestamptz NOT NULL DEFAULT now()
+    )`
+  yield* sql`CREATE INDEX job_offers_worker ON job_offers (worker_id)`
+})
+
 /** All migrations, by id. Append; never edit one that has shipped. */
 export const migrations: Record<string, Effect.Effect<void, unknown, SqlClient.SqlClient>> = {
   "1_runtime": m0001_runtime,
   "2_mailbox_vacuum": m0002_mailbox_vacuum,
   "3_jobs": m0003_jobs,
-  "4_event_stream": m0004_event_stream
+  "4_event_stream": m0004_event_stream,
+  "5_job_offers": m0005_job_offers
 }
 
 const runMigrator = Migrator.make({})

@@ -64,6 +64,8 @@ export interface Stats {
   /** Claim statements sent (each claims up to the free slots). */
   readonly claims: number
   readonly claimed: number
+  /** Jobs a submit handed to this worker directly (a slot it had on offer), no claim. */
+  readonly handed: number
   readonly completed: number
   readonly failed: number
   readonly cancelled: number
@@ -108,7 +110,7 @@ export const make = (
       Schedule.union(Schedule.spaced("2 seconds")),
       Schedule.upTo(Duration.decode(options.retryWritesFor ?? "60 seconds"))
     )
-    const counters = { claims: 0, claimed: 0, completed: 0, failed: 0, cancelled: 0, abandoned: 0 }
+    const counters = { claims: 0, claimed: 0, handed: 0, completed: 0, failed: 0, cancelled: 0, abandoned: 0 }
     let state: "active" | "draining" | "offline" = "active"
     let stopping = false
 
@@ -147,8 +149,35 @@ export const make = (
     const writers = yield* FiberSet.make<void, never>()
     const fibers = yield* FiberSet.make<void, never>()
     const idle = yield* Effect.makeLatch(true)
-    const wakeQueue = yield* Queue.sliding<void>(1)
-    const wake = () => void wakeQueue.unsafeOffer(undefined)
+    // The claim loop is the one fiber that claims, lends and starts handed jobs; it runs
+    // when signalled, doing what the flags ask.
+    const signals = yield* Queue.sliding<void>(1)
+    let claimWanted = false
+    let reconcileWanted = false
+    const wake = () => {
+      claimWanted = true
+      signals.unsafeOffer(undefined)
+    }
+    // Slots on offer (`job_offers`) and not yet withdrawn, or taken by a submit whose job has
+    // not arrived here yet: busy + offered never exceeds maxConcurrent.
+    let offered = 0
+    // Jobs handed to this worker by a submit (the NOTIFY on `jobs:<node>`), to start.
+    const handed = yield* Queue.unbounded<JobStorage.Pushed>()
+    // Attempts started here (or cancelled here before they started), newest last: a handed
+    // job is started once, whether its NOTIFY or a catch-up (`reconcile`) brings it first.
+    const seen = new Set<string>()
+    const seenLimit = 10_000
+    const markSeen = (id: string, epoch: number) => {
+      seen.add(`${id}:${epoch}`)
+      if (seen.size > seenLimit) seen.delete(seen.values().next().value!)
+    }
+    const onNodeJobs = (payload: string) => {
+      const pushed = JobStorage.parsePushed(payload)
+      if (pushed === undefined) return wake()
+      if (pushed.worker_id !== workerId) return
+      handed.unsafeOffer(pushed)
+      signals.unsafeOffer(undefined)
+    }
 
     // --- Ending attempts, batched ---
 
@@ -446,6 +475,7 @@ export const make = (
           progress: undefined
         }
         runs.set(run.id, run)
+        markSeen(run.id, run.epoch)
         busy++
         yield* idle.close
         counters.claimed++
@@ -485,26 +515,83 @@ export const make = (
 
     // --- Claiming ---
 
-    let claimFailures = 0
+    /** Start jobs this worker now holds; their `job_started` events and callbacks are written meanwhile. */
+    const launch = (rows: ReadonlyArray<JobStorage.Claimed>) =>
+      Effect.gen(function* () {
+        if (rows.length === 0) return
+        const ready = yield* Deferred.make<void>()
+        for (const row of rows) yield* start(row, ready)
+        yield* storage.started(registration, rows).pipe(
+          Effect.retry(retryWrites),
+          Effect.catchAll((e) =>
+            Effect.logWarning(`worker ${workerId}: job_started of ${rows.length} job(s) not written`, e)
+          ),
+          Effect.ensuring(Deferred.succeed(ready, undefined)),
+          FiberSet.run(writers)
+        )
+      })
+
+    const lending = () => state === "active" && !stopping
+
+    // Claim while the queue fills the free slots; lend the slots it cannot fill.
     const claimAll = Effect.gen(function* () {
-      while (state === "active" && !stopping && busy < maxConcurrent) {
-        const want = maxConcurrent - busy
-        const rows = yield* storage.claim(registration, want)
+      while (state === "active" && !stopping) {
+        const free = maxConcurrent - busy - offered
+        if (free <= 0 && offered === 0) break
+        const claimed = yield* storage.claim(registration, Math.max(0, free), {
+          withdraw: offered > 0,
+          lend: lending()
+        })
         counters.claims++
-        if (rows.length > 0) {
-          // Handlers start now; their `job_started` events and callbacks are written meanwhile.
-          const ready = yield* Deferred.make<void>()
-          for (const row of rows) yield* start(row, ready)
-          yield* storage.started(registration, rows).pipe(
-            Effect.retry(retryWrites),
-            Effect.catchAll((e) =>
-              Effect.logWarning(`worker ${workerId}: job_started of ${rows.length} job(s) not written`, e)
-            ),
-            Effect.ensuring(Deferred.succeed(ready, undefined)),
-            FiberSet.run(writers)
-          )
-        }
-        if (rows.length < want) break
+        offered += claimed.lent - claimed.withdrawn
+        yield* launch(claimed.rows)
+        // Again only while the queue filled every slot asked for (none asked: the offers
+        // were all taken, and their jobs are on the way here).
+        const asked = Math.max(0, free) + claimed.withdrawn
+        if (asked === 0 || claimed.rows.length < asked) break
+      }
+    })
+
+    // Jobs handed over by submits: start each attempt once.
+    const startHanded = Effect.gen(function* () {
+      const items = yield* Queue.takeAll(handed)
+      const rows: Array<JobStorage.Claimed> = []
+      for (const item of items) {
+        if (seen.has(`${item.id}:${item.attempts}`)) continue
+        offered = Math.max(0, offered - 1)
+        counters.handed++
+        if (stopping) continue
+        if (item.fetch === true) {
+          const row = yield* storage.handedOne(registration, item.id, item.attempts)
+          if (row !== undefined && !seen.has(`${row.id}:${row.attempts}`)) rows.push(row)
+        } else rows.push(item)
+      }
+      yield* launch(rows)
+    })
+
+    // After a reconnect or a quiet poll period (a NOTIFY may have been missed): take back
+    // every offer, then start what was handed here and never started. Once the offers are
+    // gone no submit can take one, and every one taken is committed, so the count is exact.
+    const reconcile = Effect.gen(function* () {
+      yield* storage.withdraw(workerId)
+      const rows = yield* storage.handed(registration, [...runs.keys()])
+      offered = 0
+      const fresh = rows.filter((r) => !seen.has(`${r.id}:${r.attempts}`))
+      counters.handed += fresh.length
+      if (!stopping) yield* launch(fresh)
+      claimWanted = true
+    })
+
+    let claimFailures = 0
+    const step = Effect.gen(function* () {
+      yield* startHanded
+      if (reconcileWanted) {
+        reconcileWanted = false
+        yield* reconcile
+      }
+      if (claimWanted) {
+        claimWanted = false
+        yield* claimAll
       }
       claimFailures = 0
     }).pipe(
@@ -515,6 +602,8 @@ export const make = (
             yield* Effect.logWarning(`worker ${workerId}: claiming failed (${claimFailures}x), retrying`, e)
           }
           yield* Effect.sleep(Duration.millis(Math.min(2000, 25 * 2 ** Math.min(claimFailures, 7))))
+          // What failed is done again in full: the offers may be off by the failed statement.
+          reconcileWanted = true
           wake()
         })
       )
@@ -540,6 +629,9 @@ export const make = (
             .setWorkerStatus(workerId, "draining", "worker_draining", `Draining: ${reason}`, { reason })
             .pipe(Effect.retry(retryWrites), Effect.orDie)
           yield* storage.closeTarget([workerId], "is draining").pipe(Effect.retry(retryWrites), Effect.orDie)
+          // Jobs handed over before this still arrive and run, as a claim just before would.
+          const withdrawn = yield* storage.withdraw(workerId).pipe(Effect.retry(retryWrites), Effect.orDie)
+          offered = Math.max(0, offered - withdrawn)
         }
         return yield* status
       })
@@ -586,6 +678,8 @@ export const make = (
             reason: "it changed while cancelling"
           })
         }
+        // A job handed here whose NOTIFY has not arrived yet: it must not start when it does.
+        markSeen(jobId, owner.attempts)
         return stateOf(jobId, "cancelled", owner.worker_id)
       })
 
@@ -697,13 +791,25 @@ export const make = (
     yield* node.register(JobActor.kind(control))
     yield* node.spawn(WorkerActor.kind(control), workerId)
 
-    yield* node.listen(JobStorage.nodeJobsChannel(nodeId), wake)
+    yield* node.listen(JobStorage.nodeJobsChannel(nodeId), onNodeJobs)
     yield* node.listen(JobStorage.anyJobsChannel, wake)
-    yield* node.onReconnect(wake)
+    yield* node.onReconnect(() => {
+      reconcileWanted = true
+      wake()
+    })
     const pollInterval = Duration.decode(options.pollInterval ?? "5 seconds")
-    yield* Queue.take(wakeQueue).pipe(
+    yield* Queue.take(signals).pipe(
       Effect.timeoutOption(pollInterval),
-      Effect.zipRight(claimAll),
+      Effect.tap((signal) =>
+        Effect.sync(() => {
+          // A quiet period: catch up as after a reconnect.
+          if (Option.isNone(signal)) {
+            reconcileWanted = true
+            claimWanted = true
+          }
+        })
+      ),
+      Effect.zipRight(step),
       Effect.catchAllCause((cause) =>
         Cause.isInterruptedOnly(cause)
           ? Effect.failCause(cause)
@@ -734,6 +840,7 @@ export const make = (
             {}
           )
         }
+        reconcileWanted = true
         wake()
       }
     }).pipe(
@@ -750,6 +857,7 @@ export const make = (
     yield* Effect.addFinalizer(() =>
       Effect.gen(function* () {
         stopping = true
+        yield* storage.withdraw(workerId).pipe(Effect.timeout("5 seconds"), Effect.ignore)
         yield* FiberSet.clear(fibers)
         if (state !== "offline") {
           yield* storage

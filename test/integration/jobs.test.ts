@@ -84,7 +84,8 @@ describe("jobs and workers", () => {
           })
           const k = key()
           const job = yield* jobs.submit({ valet_task_id: "task-1", job_type: "ctl", payload: { key: k } })
-          expect(job.status).toBe("queued")
+          // Queued, or already handed to the idle worker by the submit itself (a slot on offer).
+          expect(job.status === "queued" || (job.status === "running" && job.worker_id === "w-n1")).toBe(true)
           expect(job.worker_affinity).toBe("any")
           const started = yield* startedOf(k)
           expect(started.workerId).toBe("w-n1")

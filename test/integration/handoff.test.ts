@@ -1,0 +1,186 @@
+/**
+ * Hand-off: a submit of an `any` job takes a slot an idle worker has on offer and the job
+ * travels to that worker in the NOTIFY, with no claim. Each job must still run exactly once,
+ * no worker may run more than its `max_concurrent`, and a hand-off whose NOTIFY was missed
+ * must be picked up when the worker catches up.
+ */
+import { SqlClient } from "@effect/sql"
+import { layer } from "@effect/vitest"
+import { Effect, Schema } from "effect"
+import { expect } from "vitest"
+import * as JobHandler from "../../src/runtime/JobHandler.ts"
+import * as JobStorage from "../../src/runtime/JobStorage.ts"
+import * as Db from "../fixtures/Db.ts"
+import { killListener } from "../fixtures/Delivery.ts"
+import { eventually, handlers, startGateway, startWorker } from "../fixtures/Jobs.ts"
+
+/** Handlers that record, per worker, how many of their runs overlap and which jobs ran. */
+const counting = () => {
+  const running = new Map<string, number>()
+  const peak = new Map<string, number>()
+  const runs: Array<string> = []
+  const work = Effect.gen(function* () {
+    const ctx = yield* JobHandler.JobContext
+    const now = (running.get(ctx.workerId) ?? 0) + 1
+    running.set(ctx.workerId, now)
+    peak.set(ctx.workerId, Math.max(peak.get(ctx.workerId) ?? 0, now))
+    runs.push(ctx.jobId)
+    // Some work that yields, so runs on one worker can overlap.
+    for (let i = 0; i < 20; i++) yield* Effect.yieldNow()
+    running.set(ctx.workerId, running.get(ctx.workerId)! - 1)
+    const { blob } = yield* JobHandler.payload(Schema.Struct({ blob: Schema.optional(Schema.String) }))
+    return { worker: ctx.workerId, bytes: blob?.length ?? 0 }
+  })
+  return { handlers: JobHandler.handlers({ ...handlers, work }), peak, runs }
+}
+
+const offersOf = (workerId: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    Effect.map(
+      sql<{ n: number }>`SELECT count(*)::int AS n FROM job_offers WHERE worker_id = ${workerId}`,
+      (rows) => rows[0]!.n
+    )
+  )
+
+const statusesOf = (ids: ReadonlyArray<string>) =>
+  Effect.flatMap(
+    SqlClient.SqlClient,
+    (sql) =>
+      sql<{ id: string; status: string; attempts: number; worker_id: string | null; started: number }>`
+      SELECT j.id::text AS id, j.status, j.attempts, j.worker_id,
+        (SELECT count(*)::int FROM gh_job_events e WHERE e.job_id = j.id AND e.event_type = 'job_started') AS started
+      FROM gh_automation_jobs j WHERE j.id = ANY(${ids}::uuid[])`.withoutTransform
+  )
+
+layer(Db.layer, { excludeTestServices: true })((it) => {
+  it.scoped(
+    "a burst of `any` jobs to idle workers: handed over, each run once, never past max_concurrent",
+    () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw-h1")
+        const c = counting()
+        const a = yield* startWorker("h1a", { maxConcurrent: 2, handlers: c.handlers })
+        const b = yield* startWorker("h1b", { maxConcurrent: 3, handlers: c.handlers })
+        // Idle workers put their free slots on offer.
+        yield* eventually(
+          Effect.map(Effect.all([offersOf("w-h1a"), offersOf("w-h1b")]), ([x, y]) =>
+            x === 2 && y === 3 ? true : undefined
+          )
+        )
+        const first = yield* jobs.submit({ job_type: "work" })
+        // The submit itself handed it to a worker: it comes back running, already placed.
+        expect(first.status).toBe("running")
+        expect(["w-h1a", "w-h1b"]).toContain(first.worker_id)
+        expect(first.attempts).toBe(1)
+
+        const ids = [first.id]
+        for (let i = 0; i < 60; i++) ids.push((yield* jobs.submit({ job_type: "work" })).id)
+        const rows = yield* eventually(
+          Effect.map(statusesOf(ids), (rows) =>
+            rows.every((r) => r.status === "completed") ? rows : undefined
+          ),
+          "20 seconds"
+        )
+        // Each ran once, under one attempt, with one job_started.
+        expect(rows.map((r) => r.attempts)).toEqual(ids.map(() => 1))
+        expect(rows.map((r) => r.started)).toEqual(ids.map(() => 1))
+        expect([...c.runs].sort()).toEqual([...ids].sort())
+        expect(c.peak.get("w-h1a") ?? 0).toBeLessThanOrEqual(2)
+        expect(c.peak.get("w-h1b") ?? 0).toBeLessThanOrEqual(3)
+        expect(a.worker.stats().handed + b.worker.stats().handed).toBeGreaterThan(0)
+        // Idle again: every slot back on offer, none twice.
+        yield* eventually(
+          Effect.map(Effect.all([offersOf("w-h1a"), offersOf("w-h1b")]), ([x, y]) =>
+            x === 2 && y === 3 ? true : undefined
+          )
+        )
+      })
+  )
+
+  it.scoped("a job too large for a NOTIFY is handed over by id and fetched", () =>
+    Effect.gen(function* () {
+      const { jobs } = yield* startGateway("gw-h2")
+      const c = counting()
+      const w = yield* startWorker("h2", { handlers: c.handlers })
+      yield* eventually(Effect.map(offersOf("w-h2"), (n) => (n === 1 ? true : undefined)))
+      const blob = "x".repeat(JobStorage.maxPushBytes + 100)
+      const job = yield* jobs.submit({ job_type: "work", payload: { blob } })
+      expect(job.status).toBe("running")
+      const done = yield* eventually(
+        Effect.map(jobs.get(job.id), (j) => (j.status === "completed" ? j : undefined))
+      )
+      expect(done.result).toEqual({ worker: "w-h2", bytes: blob.length })
+      expect(w.worker.stats().handed).toBe(1)
+    })
+  )
+
+  it.scoped("a hand-off whose NOTIFY was missed runs once the worker catches up (reconnect, then poll)", () =>
+    Effect.gen(function* () {
+      const sql = yield* SqlClient.SqlClient
+      yield* startGateway("gw-h3")
+      const c = counting()
+      const w = yield* startWorker("h3", {
+        maxConcurrent: 1,
+        handlers: c.handlers,
+        pollInterval: "300 millis"
+      })
+      // What a submit does when the NOTIFY to the worker's node never arrives: the offer is
+      // taken and the job written running for that worker, and nothing else.
+      const handOffSilently = Effect.gen(function* () {
+        yield* eventually(Effect.map(offersOf("w-h3"), (n) => (n === 1 ? true : undefined)))
+        const rows = yield* sql<{ id: string }>`
+          WITH o AS (DELETE FROM job_offers WHERE worker_id = 'w-h3' RETURNING worker_id, node_id),
+          ins AS (
+            INSERT INTO gh_automation_jobs (job_type, worker_affinity, status, worker_id, node_id, attempts, started_at)
+            SELECT 'work', 'any', 'running', worker_id, node_id, 1, now() FROM o RETURNING id, node_id
+          ),
+          placed AS (INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
+            SELECT 'job:' || id, 'job', node_id, 1 FROM ins RETURNING 1)
+          SELECT id::text AS id FROM ins WHERE (SELECT count(*) FROM placed) >= 0`
+        expect(rows).toHaveLength(1)
+        return rows[0]!.id
+      })
+
+      // After a reconnect of the node's listener.
+      const viaReconnect = yield* handOffSilently
+      expect(yield* killListener("h3")).toBe(1)
+      yield* eventually(
+        Effect.map(statusesOf([viaReconnect]), ([r]) => (r?.status === "completed" ? true : undefined))
+      )
+      // After a quiet poll period, with the listener up all along.
+      const viaPoll = yield* handOffSilently
+      yield* eventually(
+        Effect.map(statusesOf([viaPoll]), ([r]) => (r?.status === "completed" ? true : undefined))
+      )
+
+      expect(c.runs.filter((id) => id === viaReconnect || id === viaPoll).sort()).toEqual(
+        [viaReconnect, viaPoll].sort()
+      )
+      const rows = yield* statusesOf([viaReconnect, viaPoll])
+      expect(rows.map((r) => [r.attempts, r.started, r.worker_id])).toEqual([
+        [1, 1, "w-h3"],
+        [1, 1, "w-h3"]
+      ])
+      expect(w.worker.stats().handed).toBe(2)
+    })
+  )
+
+  it.scoped("a draining or stopped worker takes back its offers: submits queue instead", () =>
+    Effect.gen(function* () {
+      const { jobs } = yield* startGateway("gw-h4")
+      const w = yield* startWorker("h4", { maxConcurrent: 2 })
+      yield* eventually(Effect.map(offersOf("w-h4"), (n) => (n === 2 ? true : undefined)))
+      yield* w.worker.drain("deploy")
+      expect(yield* offersOf("w-h4")).toBe(0)
+      const queued = yield* jobs.submit({ job_type: "noop" })
+      expect(queued).toMatchObject({ status: "queued", worker_id: null })
+
+      const v = yield* startWorker("h4b", { maxConcurrent: 1 })
+      yield* eventually(Effect.map(jobs.get(queued.id), (j) => (j.status === "completed" ? true : undefined)))
+      yield* eventually(Effect.map(offersOf("w-h4b"), (n) => (n === 1 ? true : undefined)))
+      yield* v.stop
+      expect(yield* offersOf("w-h4b")).toBe(0)
+      expect(yield* jobs.submit({ job_type: "noop" })).toMatchObject({ status: "queued", worker_id: null })
+    })
+  )
+})
