@@ -190,14 +190,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       )
       SELECT ${jobColumns("ins")},
         CASE WHEN ins.node_id IS NULL THEN pg_notify('jobs:any', ins.id::text)
-             ELSE pg_notify('jobs:' || ins.node_id, (
-               SELECT CASE WHEN octet_length(p) <= ${maxPushBytes}::int THEN p
-                 ELSE json_build_object('id', ins.id, 'worker_id', ins.worker_id, 'attempts', ins.attempts,
-                                        'fetch', true)::text END
-               FROM (SELECT json_build_object('id', ins.id, 'worker_id', ins.worker_id, 'attempts', ins.attempts,
-                 'job_type', ins.job_type, 'payload', ins.payload, 'timeout_seconds', ins.timeout_seconds,
-                 'worker_affinity', ins.worker_affinity, 'target_worker_id', ins.target_worker_id,
-                 'valet_task_id', ins.valet_task_id, 'cost', ins.cost)::text AS p) x))
+             ELSE pg_notify('jobs:' || ins.node_id, ${pushedPayload("ins")})
         END IS NULL AS woke
       FROM ins WHERE (SELECT count(*) FROM placed) >= 0`
       ).pipe(Effect.map((rows) => rows[0]))
@@ -206,23 +199,48 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       sql<JobRow & { woke: string }>`
       WITH t AS (${targets(job.target_worker_id)}),
       avail AS (SELECT * FROM t WHERE status = 'active' AND alive ORDER BY load LIMIT 1),
+      -- The target has a free slot on offer: hand the job to it, as insertAny does.
+      offer AS (
+        DELETE FROM job_offers WHERE id = (
+          SELECT o.id FROM job_offers o JOIN avail a ON a.worker_id = o.worker_id AND a.node_id = o.node_id
+          ORDER BY o.id LIMIT 1
+          FOR UPDATE OF o SKIP LOCKED)
+        RETURNING worker_id, node_id
+      ),
       ins AS (
         INSERT INTO gh_automation_jobs (valet_task_id, job_type, payload, target_worker_id, worker_affinity,
-          callback_url, priority, max_attempts, timeout_seconds, open_at)
+          callback_url, priority, max_attempts, timeout_seconds, open_at,
+          status, worker_id, node_id, attempts, started_at, deadline_at)
         SELECT ${job.valet_task_id}::text, ${job.job_type}::text, ${JSON.stringify(job.payload ?? {})}::jsonb,
           ${job.target_worker_id}::text, ${job.worker_affinity}::text, ${job.callback_url}::text, ${job.priority}::int,
           ${job.max_attempts}::int, ${job.timeout_seconds}::int,
           CASE WHEN ${job.worker_affinity}::text = 'preferred' THEN
             CASE WHEN EXISTS (SELECT 1 FROM avail) THEN now() + make_interval(secs => ${preferredWaitMs / 1000}::float8)
                  ELSE now() END
-          END
+          END,
+          CASE WHEN o.worker_id IS NULL THEN 'queued' ELSE 'running' END, o.worker_id, o.node_id,
+          CASE WHEN o.worker_id IS NULL THEN 0 ELSE 1 END,
+          CASE WHEN o.worker_id IS NOT NULL THEN now() END,
+          CASE WHEN o.worker_id IS NOT NULL AND ${job.timeout_seconds}::int IS NOT NULL
+               THEN now() + make_interval(secs => ${job.timeout_seconds}::int) END
+        FROM (VALUES (1)) v LEFT JOIN offer o ON true
         WHERE ${job.worker_affinity}::text <> 'strict' OR EXISTS (SELECT 1 FROM avail WHERE load < max_concurrent)
         RETURNING *
+      ),
+      placed AS (
+        INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
+        SELECT 'job:' || id, 'job', node_id, attempts FROM ins WHERE node_id IS NOT NULL
+        ON CONFLICT (actor_id) DO UPDATE SET node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch,
+          status = 'active', updated_at = now()
+        RETURNING 1
       )
       SELECT ${jobColumns("ins")},
-        pg_notify('jobs:' || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
-                                   ELSE 'any' END, ins.id::text) IS NULL AS woke
-      FROM ins LEFT JOIN avail a ON true`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+        CASE WHEN ins.node_id IS NOT NULL THEN pg_notify('jobs:' || ins.node_id, ${pushedPayload("ins")})
+             ELSE pg_notify('jobs:' || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
+                                            ELSE 'any' END, ins.id::text)
+        END IS NULL AS woke
+      FROM ins LEFT JOIN avail a ON true
+      WHERE (SELECT count(*) FROM placed) >= 0`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
 
     /**
      * Jobs left queued for a target that went offline (a submit that raced the target's
@@ -978,6 +996,20 @@ export interface JobRow {
   readonly started_at: Date | null
   readonly finished_at: Date | null
 }
+
+/**
+ * The NOTIFY payload that hands the inserted job `alias` to its worker (`Pushed`): the job
+ * when it fits in `maxPushBytes`, else its id and attempt.
+ */
+const pushedPayload = (alias: string) =>
+  Statement.unsafeFragment(`(
+    SELECT CASE WHEN octet_length(p) <= ${maxPushBytes} THEN p
+      ELSE json_build_object('id', ${alias}.id, 'worker_id', ${alias}.worker_id, 'attempts', ${alias}.attempts,
+                             'fetch', true)::text END
+    FROM (SELECT json_build_object('id', ${alias}.id, 'worker_id', ${alias}.worker_id, 'attempts', ${alias}.attempts,
+      'job_type', ${alias}.job_type, 'payload', ${alias}.payload, 'timeout_seconds', ${alias}.timeout_seconds,
+      'worker_affinity', ${alias}.worker_affinity, 'target_worker_id', ${alias}.target_worker_id,
+      'valet_task_id', ${alias}.valet_task_id, 'cost', ${alias}.cost)::text AS p) x)`)
 
 const jobColumns = (alias: string) =>
   Statement.unsafeFragment(

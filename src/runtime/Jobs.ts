@@ -166,7 +166,7 @@ export const make = (
                   : `it is full (${t.load} of ${t.maxConcurrent} job slots taken)`
           })
         }
-        if (job.worker_affinity === "preferred" && preferredWaitMs > 0) {
+        if (job.worker_affinity === "preferred" && preferredWaitMs > 0 && row.status === "queued") {
           // When the target does not take it in time, everyone is woken to.
           yield* storage
             .notify(JobStorage.anyJobsChannel, row.id)

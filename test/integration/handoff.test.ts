@@ -97,6 +97,29 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
       })
   )
 
+  it.scoped("strict and preferred jobs to an idle target are handed to that target, never to another", () =>
+    Effect.gen(function* () {
+      const { jobs } = yield* startGateway("gw-h5")
+      const c = counting()
+      yield* startWorker("h5a", { maxConcurrent: 1, handlers: c.handlers, targetWorkerId: "sandbox-a" })
+      yield* startWorker("h5b", { maxConcurrent: 1, handlers: c.handlers })
+      const idle = Effect.map(Effect.all([offersOf("w-h5a"), offersOf("w-h5b")]), ([x, y]) =>
+        x === 1 && y === 1 ? true : undefined
+      )
+      for (const worker_affinity of ["strict", "preferred"] as const) {
+        for (const target_worker_id of ["w-h5a", "sandbox-a"]) {
+          yield* eventually(idle)
+          const job = yield* jobs.submit({ job_type: "work", worker_affinity, target_worker_id })
+          expect(job).toMatchObject({ status: "running", worker_id: "w-h5a", attempts: 1 })
+          const done = yield* eventually(
+            Effect.map(jobs.get(job.id), (j) => (j.status === "completed" ? j : undefined))
+          )
+          expect(done.result).toEqual({ worker: "w-h5a", bytes: 0 })
+        }
+      }
+    })
+  )
+
   it.scoped("a job too large for a NOTIFY is handed over by id and fetched", () =>
     Effect.gen(function* () {
       const { jobs } = yield* startGateway("gw-h2")
