@@ -481,7 +481,10 @@ class Connection {
     if (!this.authenticated) {
       return this.fail(
         id,
-        new Failure("UNAUTHORIZED", "authenticate first: send an auth frame with the service secret")
+        new Failure(
+          "UNAUTHORIZED",
+          "not authenticated: send an auth frame with the service secret first, or connect with Authorization: Bearer <secret>"
+        )
       )
     }
     if (request.type === "ping") {
@@ -525,7 +528,10 @@ class Connection {
       clearTimeout(this.authTimer)
       return this.reply(id, { authenticated: true })
     }
-    this.fail(id, new Failure("UNAUTHORIZED", "wrong service secret"))
+    this.fail(
+      id,
+      new Failure("UNAUTHORIZED", "wrong secret: the token does not match GH_SERVICE_SECRET; closing")
+    )
     this.close(Edge.CloseCode.unauthorized, "unauthorized")
   }
 

@@ -48,13 +48,18 @@ describe("gateway WebSocket edge", () => {
           const wrong = yield* connect(edge.url)
           wrong.send({ v: 1, type: "auth", id: "a1", token: `${secret}x` })
           expect(yield* wrong.closed()).toMatchObject({ code: 4401 })
+          // Exactly the frame of docs/PROTOCOL.md#unauthorized, then the close.
           expect(wrong.frames).toEqual([
-            expect.objectContaining({
+            {
+              v: 1,
               type: "reply",
               id: "a1",
               ok: false,
-              error: expect.objectContaining({ code: "UNAUTHORIZED" })
-            })
+              error: {
+                code: "UNAUTHORIZED",
+                message: "wrong secret: the token does not match GH_SERVICE_SECRET; closing"
+              }
+            }
           ])
 
           const silent = yield* connect(edge.url)
@@ -62,6 +67,126 @@ describe("gateway WebSocket edge", () => {
           // The secret never appears in what the server sends.
           expect(JSON.stringify([...wrong.frames, ...silent.frames])).not.toContain(secret)
         }).pipe(Effect.scoped)
+    )
+
+    it.scoped(
+      "an unauthenticated socket gets UNAUTHORIZED for every mutation and subscribe, and changes nothing",
+      () =>
+        Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          // Long enough that the auth timer cannot be what answers.
+          const edge = yield* startEdge("gw-unauth", { authTimeout: "60 seconds" })
+          yield* startWorker("edge-w5")
+          const k = key()
+          const held = yield* edge.jobs.submit({
+            job_type: "ctl",
+            payload: { key: k },
+            worker_affinity: "strict",
+            target_worker_id: "w-edge-w5"
+          })
+          yield* startedOf(k)
+          yield* command(k, { _tag: "needs_human", timeoutSeconds: 60 })
+          const state = Effect.map(
+            sql<{ jobs: number; job_status: string; worker_status: string }>`
+              SELECT (SELECT count(*)::int FROM gh_automation_jobs) AS jobs,
+                     (SELECT status FROM gh_automation_jobs WHERE id = ${held.id}::uuid) AS job_status,
+                     (SELECT status FROM gh_worker_registry WHERE worker_id = 'w-edge-w5') AS worker_status`,
+            (rows) => rows[0]!
+          )
+          const before = yield* eventually(
+            Effect.map(state, (s) => (s.job_status === "needs_human" ? s : undefined))
+          )
+          expect(before).toEqual({ jobs: 1, job_status: "needs_human", worker_status: "active" })
+
+          const c = yield* connect(edge.url)
+          const requests: Array<Frame> = [
+            { type: "job.submit", job: { job_type: "noop" } },
+            { type: "job.cancel", job_id: held.id, reason: "not allowed" },
+            { type: "job.resume", job_id: held.id, resolved_by: "intruder", resolution_data: { x: 1 } },
+            { type: "worker.drain", worker_id: "w-edge-w5", reason: "not allowed" },
+            {
+              type: "worker.deregister",
+              worker_id: "w-edge-w5",
+              reason: "sandbox_terminated",
+              cancel_active_jobs: true,
+              drain_timeout_seconds: 0
+            },
+            { type: "subscribe", all: true }
+          ]
+          for (const frame of requests) {
+            const reply = yield* c.request(frame)
+            // Exactly the frame of docs/PROTOCOL.md#unauthorized: nothing else, no details.
+            expect(reply).toEqual({
+              v: 1,
+              type: "reply",
+              id: reply.id,
+              ok: false,
+              error: {
+                code: "UNAUTHORIZED",
+                message:
+                  "not authenticated: send an auth frame with the service secret first, or connect with Authorization: Bearer <secret>"
+              }
+            })
+            expect(reply.id).toMatch(/^t\d+$/)
+          }
+          expect(c.frames.map((f) => f.type)).toEqual(requests.map(() => "reply"))
+          expect(yield* state).toEqual(before)
+          expect(edge.events.stats().subscriptions).toBe(0)
+          // Still open: the client can authenticate, and then the same requests take effect.
+          expect(c.isClosed()).toBe(false)
+          expect((yield* c.request({ type: "auth", token: secret })).ok).toBe(true)
+          expect(yield* c.request(requests[1]!)).toMatchObject({
+            ok: true,
+            result: { job_id: held.id, status: "cancelled" }
+          })
+          expect(yield* state).toEqual({ ...before, job_status: "cancelled" })
+        }).pipe(Effect.scoped)
+    )
+
+    it.scoped("serves REST, /health and /metrics on the gateway's own port", () =>
+      Effect.gen(function* () {
+        const edge = yield* startEdge("gw-http")
+        const get = (path: string, auth?: string) =>
+          Effect.tryPromise(async () => {
+            const res = await fetch(`${edge.http}${path}`, {
+              headers: auth === undefined ? {} : { authorization: `Bearer ${auth}` }
+            })
+            return { status: res.status, headers: res.headers, text: await res.text() }
+          })
+        const gaugeOf = (text: string) =>
+          /^troupe_websocket_connections (\d+)$/m.exec(text)?.[1] ?? `missing in:\n${text}`
+
+        const a = yield* connect(edge.url, { secret })
+        const b = yield* connect(edge.url, { secret })
+        const metrics = yield* get("/metrics")
+        expect(metrics.status).toBe(200)
+        expect(metrics.headers.get("content-type")).toContain("text/plain")
+        expect(metrics.text).toContain("# TYPE troupe_websocket_connections gauge")
+        expect(gaugeOf(metrics.text)).toBe("2")
+        // A live gauge: one socket gone, one less.
+        b.ws.terminate()
+        yield* eventually(Effect.sync(() => (edge.gateway.connections() === 1 ? true : undefined)))
+        expect(gaugeOf((yield* get("/metrics")).text)).toBe("1")
+
+        const health = yield* get("/health")
+        expect(health.status).toBe(200)
+        expect(JSON.parse(health.text)).toMatchObject({ status: "ok", api_healthy: true })
+
+        // A job submitted over the socket reads the same over REST, with the secret only.
+        const submitted = yield* a.request({ type: "job.submit", job: { job_type: "noop" } })
+        const path = `/api/v1/jobs/${submitted.result.id}`
+        const read = yield* get(path, secret)
+        expect(read.status).toBe(200)
+        expect(JSON.parse(read.text)).toMatchObject({ id: submitted.result.id, job_type: "noop" })
+        for (const refused of [yield* get(path), yield* get(path, `${secret}x`)]) {
+          expect(refused.status).toBe(401)
+          expect(refused.headers.get("www-authenticate")).toBe("Bearer")
+          expect(JSON.parse(refused.text)).toMatchObject({ error: { code: "UNAUTHORIZED" } })
+          expect(refused.text).not.toContain(submitted.result.id)
+        }
+        // The sockets are untouched by the HTTP traffic.
+        expect(yield* a.request({ type: "ping" })).toMatchObject({ type: "pong" })
+      }).pipe(Effect.scoped)
     )
 
     it.scoped("answers every malformed frame with a typed error and keeps the connection", () =>
@@ -381,6 +506,58 @@ describe("gateway WebSocket edge", () => {
         })
         expect(got.length).toBe(2000)
       }).pipe(Effect.scoped)
+    )
+
+    it.scoped(
+      "closes a consumer with 1013 at once when its held frames pass the cap; others keep working",
+      () =>
+        Effect.gen(function* () {
+          const edge = yield* startEdge("gw-held", {
+            sendBufferLimit: 64 * 1024,
+            maxHeldBytes: 256 * 1024,
+            // Far longer than the test may take: only the held-bytes cap can close it.
+            slowConsumerGrace: "60 seconds"
+          })
+          const sql = yield* SqlClient.SqlClient
+          const flood = yield* edge.jobs.submit({ job_type: "noop" })
+          const quiet = yield* edge.jobs.submit({ job_type: "noop" })
+          const slow = yield* connect(edge.url, { secret })
+          const other = yield* connect(edge.url, { secret })
+          expect((yield* slow.request({ type: "subscribe", job_id: flood.id })).ok).toBe(true)
+          const otherSub = yield* other.request({ type: "subscribe", job_id: quiet.id })
+          expect(otherSub.ok).toBe(true)
+          // The slow client stops reading its socket.
+          const raw = (slow.ws as unknown as { _socket: { pause: () => void; resume: () => void } })._socket
+          raw.pause()
+          // 8 KiB events until the gateway lets go of it: past the kernel's buffers, the 64 KiB
+          // socket limit, then the 256 KiB held back.
+          yield* eventually(
+            Effect.gen(function* () {
+              if (edge.gateway.connections() === 1) return true
+              yield* sql`INSERT INTO gh_job_events (job_id, event_type, message, metadata)
+              SELECT ${flood.id}::uuid, 'observation_started', repeat('x', 8192), '{}'::jsonb
+              FROM generate_series(1, 200)`
+              return undefined
+            }),
+            "30 seconds"
+          )
+          raw.resume()
+          expect(yield* slow.closed()).toEqual({
+            code: 1013,
+            reason: "slow consumer: send buffer overflowed"
+          })
+
+          // The other connection is served as before: requests and its own events.
+          expect(yield* other.request({ type: "ping" })).toMatchObject({ type: "pong" })
+          const [written] = yield* sql<{ id: string }>`
+          INSERT INTO gh_job_events (job_id, event_type, message)
+          VALUES (${quiet.id}::uuid, 'thought', 'still here') RETURNING id::text AS id`
+          const got = yield* other.waitFor((f) =>
+            eventsOf(f, otherSub.id).find((e) => e.event_id === written!.id)
+          )
+          expect(got).toMatchObject({ job_id: quiet.id, message: "still here" })
+          expect(other.isClosed()).toBe(false)
+        }).pipe(Effect.scoped)
     )
   })
 })
