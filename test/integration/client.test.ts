@@ -8,8 +8,11 @@ import { describe, expect, layer } from "@effect/vitest"
 import { type Duration, Effect, Fiber, Schedule, type Scope, Stream } from "effect"
 import * as Crypto from "node:crypto"
 import * as Net from "node:net"
-import { Client, connect, type EventRecord, TroupeClientError } from "../../src/client/index.ts"
+// Through the package name, as an application imports it (package.json "exports", resolved by self-reference).
+import { Client, connect, type EventRecord, TroupeClientError } from "troupe/client"
+import * as ClientSource from "../../src/client/index.ts"
 import * as Db from "../fixtures/Db.ts"
+import * as Processes from "../fixtures/Processes.ts"
 import { secret, startEdge } from "../fixtures/Edge.ts"
 import { eventually, startedOf, startWorker } from "../fixtures/Jobs.ts"
 
@@ -123,8 +126,9 @@ describe("typed client", () => {
 
         const k = key()
         const job = yield* client.submit({ valet_task_id: task, job_type: "ctl", payload: { key: k } })
+        // Queued, or already handed to the idle worker by the submit itself.
+        expect(["queued", "running"]).toContain(job.status)
         expect(job).toMatchObject({
-          status: "queued",
           valet_task_id: task,
           job_type: "ctl",
           worker_affinity: "any"
@@ -321,19 +325,42 @@ describe("typed client", () => {
         const edge = yield* startEdge("gw-c6")
         const proxy = yield* tcpProxy(edge.gateway.port)
         const wrong = `${secret}-wrong`
+        // Every reconnection goes through the schedule: counting its steps counts the attempts.
+        let retries = 0
         const client = yield* Client.make({
           url: proxy.url,
           secret: wrong,
-          reconnect: Schedule.spaced("10 millis")
+          // Long enough that a request waiting for a reconnect would still be waiting when its
+          // deadline below ends: "at once" means the client had already stopped.
+          requestTimeout: "60 seconds",
+          reconnect: Schedule.spaced("10 millis").pipe(
+            Schedule.tapInput(() =>
+              Effect.sync(() => {
+                retries++
+              })
+            )
+          )
         })
         const refused = yield* client.workers().pipe(Effect.flip)
         expect(refused.code).toBe("UNAUTHORIZED")
         expect(refused.message).not.toContain(wrong)
-        // With a 10 ms reconnect schedule a loop would show as dozens of connections here.
-        yield* Effect.sleep("300 millis")
+        // The client stopped before failing the request: it never asked its schedule for a retry.
+        expect(retries).toBe(0)
         expect(proxy.accepted()).toBe(1)
-        expect((yield* client.ping().pipe(Effect.flip)).code).toBe("UNAUTHORIZED")
-        expect((yield* client.subscription({ all: true }).pipe(Effect.flip)).code).toBe("UNAUTHORIZED")
+        const atOnce = <A>(request: Effect.Effect<A, TroupeClientError, Scope.Scope>) =>
+          request.pipe(
+            Effect.flip,
+            Effect.timeoutFail({
+              duration: "5 seconds",
+              onTimeout: () => new Error("the request waited for a connection: the client did not stop")
+            }),
+            Effect.scoped
+          )
+        expect((yield* atOnce(client.ping())).code).toBe("UNAUTHORIZED")
+        expect((yield* atOnce(client.subscription({ all: true }))).code).toBe("UNAUTHORIZED")
+        expect((yield* atOnce(client.submit({ job_type: "noop" }))).code).toBe("UNAUTHORIZED")
+        expect(retries).toBe(0)
+        expect(proxy.accepted()).toBe(1)
 
         // The same with an auth frame (close 4401), and an auth frame with the right secret works.
         const browser = yield* Client.make({ url: edge.url, secret: wrong, authFrame: true })
@@ -342,6 +369,29 @@ describe("typed client", () => {
         const job = yield* good.submit({ job_type: "noop" })
         expect((yield* good.get(job.id)).id).toBe(job.id)
         expect(good.connections()).toBe(1)
+      })
+    )
+
+    it.effect("troupe/client is this repository's client, for vitest and for node (through tsx)", () =>
+      Effect.gen(function* () {
+        // The same module, not a copy: errors from one are instances of the other's class.
+        expect(Client).toBe(ClientSource.Client)
+        expect(TroupeClientError).toBe(ClientSource.TroupeClientError)
+        expect(connect).toBe(ClientSource.connect)
+        // Node's own resolver: a package imports itself by its name through "exports".
+        const run = yield* Processes.run(
+          process.execPath,
+          [
+            "--import",
+            "tsx",
+            "--input-type=module",
+            "-e",
+            'const m = await import("troupe/client"); console.log(JSON.stringify(Object.keys(m).sort()))'
+          ],
+          { env: Processes.cleanEnv({}), cwd: Processes.root, within: "30 seconds" }
+        )
+        expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: "" })
+        expect(JSON.parse(run.stdout)).toEqual(Object.keys(ClientSource).sort())
       })
     )
 
