@@ -15,7 +15,7 @@ import * as Processes from "../fixtures/Processes.ts"
 import { connect, eventsOf, type Frame, type WsClient } from "../fixtures/Ws.ts"
 
 const secret = "e2e-service-secret-5b0c"
-const bin = [Processes.root + "/bin/troupe.js", "start"]
+const bin = [`${Processes.root}/bin/troupe.js`, "start"]
 
 /** `troupe start` with a role, on the test's database. */
 const troupe = (nodeId: string, env: Record<string, string>) =>
@@ -64,7 +64,21 @@ describe("the edge across processes", () => {
           const sql = yield* SqlClient.SqlClient
           const gateway = yield* troupe("e2e-gw", { TROUPE_ROLE: "gateway" })
           const line = yield* gateway.waitFor(/ws:\/\/127\.0\.0\.1:(\d+)\/v1\/ws/, { within: "40 seconds" })
-          const url = `ws://127.0.0.1:${/:(\d+)\//.exec(line)![1]}/v1/ws`
+          const port = /:(\d+)\//.exec(line)![1]
+          const url = `ws://127.0.0.1:${port}/v1/ws`
+          // Wrong secrets, every way in: refused, and (checked at the end) never printed.
+          const wrongSecret = "e2e-wrong-secret-77d1"
+          const refused = yield* connect(url, { secret: wrongSecret }).pipe(Effect.flip)
+          expect(refused.message).toContain("HTTP 401")
+          const wrongFrame = yield* connect(url)
+          wrongFrame.send({ v: 1, type: "auth", id: "a1", token: wrongSecret })
+          expect(yield* wrongFrame.closed("20 seconds")).toMatchObject({ code: 4401 })
+          const rest = yield* Effect.tryPromise(() =>
+            fetch(`http://127.0.0.1:${port}/api/v1/monitoring/workers`, {
+              headers: { authorization: `Bearer ${wrongSecret}` }
+            })
+          )
+          expect(rest.status).toBe(401)
           yield* Effect.all(
             ["e2e-a", "e2e-b"].map((w) =>
               Effect.flatMap(
@@ -146,6 +160,13 @@ describe("the edge across processes", () => {
           })
 
           // cut the connection mid-stream, reconnect, resume from the last event seen
+          // A job held until a human answers: its end is written during the outage, whatever
+          // the burst's timing, so the resumed subscription has something to replay.
+          const paused = yield* request(c, {
+            type: "job.submit",
+            job: { job_type: "ask_human", payload: { message: "hold on" } }
+          })
+          yield* eventOf(c, all.id, paused.id, "interaction_needed")
           const burst = yield* Effect.forEach(
             Array.from({ length: 40 }, (_, i) => i),
             (i) => request(c, { type: "job.submit", job: { job_type: "echo", payload: { i } } })
@@ -157,22 +178,55 @@ describe("the edge across processes", () => {
           // What the client had when the connection died (a terminated socket delivers nothing more).
           const seenBefore = eventsOf(c.frames, all.id)
           const last = seenBefore.at(-1)!.event_id
+          expect(seenBefore.some((e) => e.job_id === paused.id && e.event_type === "job_completed")).toBe(
+            false
+          )
+          // While the client is away, someone else answers the held job and sees it finish.
+          const ops = yield* connect(url, { secret })
+          const watch = yield* request(ops, { type: "subscribe", job_id: paused.id })
+          yield* request(ops, { type: "job.resume", job_id: paused.id, resolved_by: "ops" })
+          const finished = yield* eventOf(ops, watch.subscription, paused.id, "job_completed")
           const again = yield* connect(url, { secret })
           const resumed = yield* again.request({ type: "subscribe", all: true, since_event_id: last })
           expect(resumed.ok).toBe(true)
-          yield* again.waitFor((f) => {
-            const union = [...seenBefore, ...eventsOf(f, resumed.id)]
-            return burst.every((j) =>
-              union.some((e) => e.job_id === j.id && e.event_type === "job_completed")
+          // Replayed from the tables first (then any live ones that came meanwhile), all before
+          // the reply: at least the end of the held job, which the gateway had already streamed.
+          const beforeReply = eventsOf(again.frames.slice(0, again.frames.indexOf(resumed)), resumed.id)
+          expect(resumed.result.replayed).toBeGreaterThan(0)
+          expect(beforeReply.length).toBeGreaterThanOrEqual(resumed.result.replayed)
+          const replayed = beforeReply.slice(0, resumed.result.replayed)
+          expect(replayed.map((e) => e.event_id)).toContain(finished.event_id)
+          yield* again
+            .waitFor((f) => {
+              const union = [...seenBefore, ...eventsOf(f, resumed.id)]
+              return burst.every((j) =>
+                union.some((e) => e.job_id === j.id && e.event_type === "job_completed")
+              )
+                ? true
+                : undefined
+            }, "30 seconds")
+            .pipe(
+              Effect.catchAll((e) =>
+                Effect.gen(function* () {
+                  const union = [...seenBefore, ...eventsOf(again.frames, resumed.id)]
+                  const missing = burst
+                    .filter((j) => !union.some((x) => x.job_id === j.id && x.event_type === "job_completed"))
+                    .map((j) => j.id)
+                  const rows = yield* sql<{ id: string; status: string }>`
+                  SELECT id::text AS id, status FROM gh_automation_jobs WHERE id = ANY(${missing}::uuid[])`
+                  return yield* Effect.fail(
+                    new Error(
+                      `no job_completed received for ${missing.length} burst jobs (resumed after ${last}, ${resumed.result.replayed} replayed); stored: ${JSON.stringify(rows)}; ${e.message.slice(0, 300)}`
+                    )
+                  )
+                })
+              )
             )
-              ? true
-              : undefined
-          }, "30 seconds")
           const received = [...seenBefore, ...eventsOf(again.frames, resumed.id)]
           const ids = received.map((e) => e.event_id)
           expect(new Set(ids).size).toBe(ids.length)
           // Everything stored for these jobs arrived, and each job's events in order.
-          const jobIds = [strict, preferred, any, long, human, ...burst].map((j) => j.id)
+          const jobIds = [strict, preferred, any, long, human, paused, ...burst].map((j) => j.id)
           const stored = yield* sql<{ id: string; job_id: string }>`
             SELECT id::text AS id, job_id::text AS job_id FROM gh_job_events
             WHERE job_id = ANY(${jobIds}::uuid[]) ORDER BY id`
@@ -222,6 +276,11 @@ describe("the edge across processes", () => {
             ["e2e-a", "offline"],
             ["e2e-b", "draining"]
           ])
+          // Neither the secret nor a wrong one ever reached the gateway's output.
+          const output = gateway.stdout() + gateway.stderr()
+          expect(output).toContain("/v1/ws")
+          expect(output).not.toContain(secret)
+          expect(output).not.toContain(wrongSecret)
         }),
       120_000
     )
