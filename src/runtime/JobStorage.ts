@@ -117,6 +117,25 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     const sql = yield* SqlClient.SqlClient
     const hot = runHot(options.prepared)
 
+    /**
+     * The columns `status, worker_id, node_id, attempts, started_at, deadline_at` of a job
+     * being inserted, handed to the worker of offer `o` (a LEFT JOIN: queued when none).
+     */
+    const handedValues = (job: SubmitJob) => sql`
+          CASE WHEN o.worker_id IS NULL THEN 'queued' ELSE 'running' END, o.worker_id, o.node_id,
+          CASE WHEN o.worker_id IS NULL THEN 0 ELSE 1 END,
+          CASE WHEN o.worker_id IS NOT NULL THEN now() END,
+          CASE WHEN o.worker_id IS NOT NULL AND ${job.timeout_seconds}::int IS NOT NULL
+               THEN now() + make_interval(secs => ${job.timeout_seconds}::int) END`
+
+    /** Place the `job:<id>` actors of the handed jobs in `ins` on their workers' nodes. */
+    const placeHanded = Statement.unsafeFragment(`
+        INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
+        SELECT 'job:' || id, 'job', node_id, attempts FROM ins WHERE node_id IS NOT NULL
+        ON CONFLICT (actor_id) DO UPDATE SET node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch,
+          status = 'active', updated_at = now()
+        RETURNING 1`)
+
     /** Which workers a target names: its worker id, or the sandbox id it registered with. */
     const targets = (target: string | null) =>
       sql`SELECT w.worker_id, w.node_id, w.status, w.max_concurrent,
@@ -173,21 +192,11 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         SELECT ${job.valet_task_id}::text, ${job.job_type}::text, ${JSON.stringify(job.payload ?? {})}::jsonb,
           ${job.worker_affinity}::text, ${job.callback_url}::text, ${job.priority}::int, ${job.max_attempts}::int,
           ${job.timeout_seconds}::int,
-          CASE WHEN o.worker_id IS NULL THEN 'queued' ELSE 'running' END, o.worker_id, o.node_id,
-          CASE WHEN o.worker_id IS NULL THEN 0 ELSE 1 END,
-          CASE WHEN o.worker_id IS NOT NULL THEN now() END,
-          CASE WHEN o.worker_id IS NOT NULL AND ${job.timeout_seconds}::int IS NOT NULL
-               THEN now() + make_interval(secs => ${job.timeout_seconds}::int) END
+          ${handedValues(job)}
         FROM (VALUES (1)) v LEFT JOIN offer o ON true
         RETURNING *
       ),
-      placed AS (
-        INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
-        SELECT 'job:' || id, 'job', node_id, attempts FROM ins WHERE node_id IS NOT NULL
-        ON CONFLICT (actor_id) DO UPDATE SET node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch,
-          status = 'active', updated_at = now()
-        RETURNING 1
-      )
+      placed AS (${placeHanded})
       SELECT ${jobColumns("ins")},
         CASE WHEN ins.node_id IS NULL THEN pg_notify('jobs:any', ins.id::text)
              ELSE pg_notify('jobs:' || ins.node_id, ${pushedPayload("ins")})
@@ -218,22 +227,12 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
             CASE WHEN EXISTS (SELECT 1 FROM avail) THEN now() + make_interval(secs => ${preferredWaitMs / 1000}::float8)
                  ELSE now() END
           END,
-          CASE WHEN o.worker_id IS NULL THEN 'queued' ELSE 'running' END, o.worker_id, o.node_id,
-          CASE WHEN o.worker_id IS NULL THEN 0 ELSE 1 END,
-          CASE WHEN o.worker_id IS NOT NULL THEN now() END,
-          CASE WHEN o.worker_id IS NOT NULL AND ${job.timeout_seconds}::int IS NOT NULL
-               THEN now() + make_interval(secs => ${job.timeout_seconds}::int) END
+          ${handedValues(job)}
         FROM (VALUES (1)) v LEFT JOIN offer o ON true
         WHERE ${job.worker_affinity}::text <> 'strict' OR EXISTS (SELECT 1 FROM avail WHERE load < max_concurrent)
         RETURNING *
       ),
-      placed AS (
-        INSERT INTO actor_registry (actor_id, kind, node_id, epoch)
-        SELECT 'job:' || id, 'job', node_id, attempts FROM ins WHERE node_id IS NOT NULL
-        ON CONFLICT (actor_id) DO UPDATE SET node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch,
-          status = 'active', updated_at = now()
-        RETURNING 1
-      )
+      placed AS (${placeHanded})
       SELECT ${jobColumns("ins")},
         CASE WHEN ins.node_id IS NOT NULL THEN pg_notify('jobs:' || ins.node_id, ${pushedPayload("ins")})
              ELSE pg_notify('jobs:' || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
