@@ -1,6 +1,6 @@
 import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
-import { Deferred, Effect, Queue } from "effect"
+import { Deferred, Effect, Fiber, Queue } from "effect"
 import * as Crypto from "node:crypto"
 import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
@@ -452,6 +452,83 @@ describe("jobs and workers", () => {
           expect(typeof last.metadata.uptime_seconds).toBe("number")
           const unknown = yield* Effect.flip(jobs.deregister({ worker_id: "nobody" }))
           expect(unknown._tag).toBe("NotFound")
+        })
+    )
+
+    it.scoped(
+      "deregister without cancel_active_jobs waits up to drain_timeout_seconds: a job that finishes in time completes, one that does not is cancelled with its callback",
+      () =>
+        Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          const { jobs } = yield* startGateway("gw21")
+          yield* startWorker("n21", { targetWorkerId: "sandbox-21" })
+          yield* startWorker("n22", { targetWorkerId: "sandbox-22" })
+          const callbackUrl = "http://127.0.0.1:9/callback"
+
+          // Finishes while the deregister waits: nothing is cancelled.
+          const k1 = key()
+          const first = yield* jobs.submit({
+            job_type: "ctl",
+            payload: { key: k1 },
+            worker_affinity: "strict",
+            target_worker_id: "sandbox-21",
+            callback_url: callbackUrl
+          })
+          yield* startedOf(k1)
+          const waiting = yield* Effect.fork(
+            jobs.deregister({
+              target_worker_id: "sandbox-21",
+              reason: "scale_in",
+              cancel_active_jobs: false,
+              drain_timeout_seconds: 30
+            })
+          )
+          // The worker drains first: wait for that, then let the job finish.
+          yield* eventually(
+            Effect.map(
+              sql<{ status: string }>`SELECT status FROM gh_worker_registry WHERE worker_id = 'w-n21'`,
+              (rows) => (rows[0]?.status === "draining" ? true : undefined)
+            )
+          )
+          yield* command(k1, { _tag: "complete" })
+          expect(yield* Fiber.join(waiting)).toEqual({ worker_ids: ["w-n21"], cancelled_job_ids: [] })
+          expect((yield* statusOf(first.id)).status).toBe("completed")
+
+          // Outlives a 1 s drain: cancelled when it ends, with a `cancelled` callback.
+          const k2 = key()
+          const second = yield* jobs.submit({
+            job_type: "ctl",
+            payload: { key: k2 },
+            worker_affinity: "strict",
+            target_worker_id: "sandbox-22",
+            callback_url: callbackUrl
+          })
+          yield* startedOf(k2)
+          const result = yield* jobs.deregister({
+            target_worker_id: "sandbox-22",
+            reason: "scale_in",
+            cancel_active_jobs: false,
+            drain_timeout_seconds: 1
+          })
+          expect(result).toEqual({ worker_ids: ["w-n22"], cancelled_job_ids: [second.id] })
+          expect((yield* statusOf(second.id)).status).toBe("cancelled")
+          const outbox = yield* sql<{ job_id: string; status: string }>`
+            SELECT job_id::text AS job_id, status FROM callback_outbox
+            WHERE job_id IN (${first.id}::uuid, ${second.id}::uuid) ORDER BY id`
+          expect(outbox.filter((r) => r.job_id === first.id).map((r) => r.status)).toEqual([
+            "running",
+            "completed"
+          ])
+          expect(outbox.filter((r) => r.job_id === second.id).map((r) => r.status)).toEqual([
+            "running",
+            "cancelled"
+          ])
+          const offline = yield* sql<{ worker_id: string; status: string }>`
+            SELECT worker_id, status FROM gh_worker_registry WHERE worker_id IN ('w-n21', 'w-n22') ORDER BY worker_id`
+          expect(offline).toEqual([
+            { worker_id: "w-n21", status: "offline" },
+            { worker_id: "w-n22", status: "offline" }
+          ])
         })
     )
 
