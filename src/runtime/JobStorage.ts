@@ -181,7 +181,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         DELETE FROM job_offers WHERE id = (
           SELECT o.id FROM job_offers o
           JOIN gh_worker_registry w ON w.worker_id = o.worker_id AND w.node_id = o.node_id AND w.status = 'active'
-          JOIN nodes n ON n.id = o.node_id AND n.status = 'running'
+          -- Alive by its lock: a job handed to a node that just died would spend an attempt.
+          JOIN nodes n ON n.id = o.node_id AND n.status = 'running' AND ${sql.literal(aliveSql)}
           ORDER BY o.id LIMIT 1
           FOR UPDATE OF o SKIP LOCKED)
         RETURNING worker_id, node_id

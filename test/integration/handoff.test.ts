@@ -188,6 +188,31 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
     })
   )
 
+  it.scoped("an offer left by a node whose lock is gone (it died) is not taken: the job queues", () =>
+    Effect.gen(function* () {
+      const sql = yield* SqlClient.SqlClient
+      // No reaper: it would clear the dead node's offer before the submit meets it.
+      const { jobs } = yield* startGateway("gw-h6", { reaper: false })
+      // A node that died a moment ago: its row still says running, its worker is still active
+      // and its offer is still there (the reaper has not run yet), but nobody holds its lock.
+      yield* sql`INSERT INTO nodes (id, role, lock_key, status) VALUES ('h6-dead', 'worker', 424242, 'running')`
+      yield* sql`INSERT INTO gh_worker_registry (worker_id, node_id, status) VALUES ('w-h6-dead', 'h6-dead', 'active')`
+      yield* sql`INSERT INTO job_offers (worker_id, node_id) VALUES ('w-h6-dead', 'h6-dead')`
+      const job = yield* jobs.submit({ job_type: "noop" })
+      expect(job).toMatchObject({ status: "queued", worker_id: null, attempts: 0 })
+      expect(yield* offersOf("w-h6-dead")).toBe(1)
+      // A live worker takes it from the queue.
+      yield* startWorker("h6")
+      const done = yield* eventually(
+        Effect.map(jobs.get(job.id), (j) => (j.status === "completed" ? j : undefined))
+      )
+      expect(done).toMatchObject({ worker_id: "w-h6", attempts: 1 })
+      yield* sql`DELETE FROM job_offers WHERE worker_id = 'w-h6-dead'`
+      yield* sql`UPDATE gh_worker_registry SET status = 'offline' WHERE worker_id = 'w-h6-dead'`
+      yield* sql`UPDATE nodes SET status = 'stopped' WHERE id = 'h6-dead'`
+    })
+  )
+
   it.scoped("a draining or stopped worker takes back its offers: submits queue instead", () =>
     Effect.gen(function* () {
       const { jobs } = yield* startGateway("gw-h4")
