@@ -297,7 +297,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         "troupe_job_claim",
         sql<Claimed & { attempts: number; withdrawn: number; lent: number }>`
       WITH gone AS (
-        DELETE FROM job_offers WHERE worker_id = ${worker.workerId}::text AND ${options.withdraw}::bool
+        DELETE FROM job_offers
+        WHERE worker_id = ${worker.workerId}::text AND node_id = ${worker.nodeId}::text AND ${options.withdraw}::bool
         RETURNING 1
       ),
       lim AS (SELECT ${free}::int + (SELECT count(*) FROM gone)::int AS n),
@@ -357,7 +358,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         (SELECT count(*) FROM gone)::int, (SELECT count(*) FROM lent)::int`
       ).pipe(
         Effect.map((rows) => {
-          const last = rows.at(-1)
+          const last = rows.find((r) => r.id === null)
           return {
             rows: rows.filter((r) => r.id !== null) as ReadonlyArray<Claimed>,
             withdrawn: last?.withdrawn ?? 0,
@@ -366,12 +367,17 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         })
       )
 
-    /** Take back every slot a worker has on offer; returns how many were still there. */
-    const withdraw = (workerId: string) =>
+    /**
+     * Take back every slot a worker (on this node) has on offer; returns how many were still
+     * there. Offers an earlier process left under another node are the reaper's to delete.
+     */
+    const withdraw = (worker: WorkerRegistration) =>
       Effect.map(
-        sql<{
-          n: number
-        }>`WITH gone AS (DELETE FROM job_offers WHERE worker_id = ${workerId}::text RETURNING 1)
+        sql<{ n: number }>`
+          WITH gone AS (
+            DELETE FROM job_offers WHERE worker_id = ${worker.workerId}::text AND node_id = ${worker.nodeId}::text
+            RETURNING 1
+          )
           SELECT count(*)::int AS n FROM gone`.withoutTransform,
         (rows) => rows[0]?.n ?? 0
       )
@@ -406,7 +412,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     /**
      * What follows a claim, off the path to the handler's start: `job_started` events and
      * their callbacks, and the worker's `current_job_id`. The worker holds back the attempt's
-     * own writes until this is done, so events stay in order.
+     * own writes until this is done, so events stay in order. Returns the ids whose attempt
+     * was still live.
      */
     const started = (
       worker: WorkerRegistration,
@@ -414,7 +421,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     ) =>
       hot(
         "troupe_job_started",
-        sql`
+        sql<{ id: string | null }>`
       WITH c AS (
         SELECT j AS job, j.id, j.attempts FROM gh_automation_jobs j
         JOIN unnest(${claimed.map((c) => c.id)}::uuid[], ${claimed.map((c) => c.attempts)}::int[]) AS u(id, attempts)
@@ -439,10 +446,15 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         FROM c JOIN ev ON ev.job_id = c.id WHERE (c.job).callback_url IS NOT NULL
         RETURNING 1
       )
-      SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x
-      UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
+      SELECT c.id::text AS id FROM c
+      UNION ALL SELECT NULL FROM (SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x) y
+      UNION ALL SELECT NULL FROM (SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text)
+                                  WHERE EXISTS (SELECT 1 FROM ev)) z
       UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`
-      ).pipe(Effect.asVoid)
+      ).pipe(
+        // The attempts still live: one that ended before it started (cancelled, reaped) is not.
+        Effect.map((rows) => new Set(rows.flatMap((r) => (r.id === null ? [] : [r.id]))))
+      )
 
     /**
      * End many attempts of one worker's jobs in one statement (`finish`, set-based): what
@@ -757,10 +769,12 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         SELECT worker_id, 'worker_offline', 'Worker stopped answering (its node is gone)', jsonb_build_object('reason', 'node_dead')
         FROM off RETURNING 1
       ),
-      -- Slots on offer from workers that are not active (gone now, or left without withdrawing).
+      -- Slots on offer from workers that are not active (gone now, or left without withdrawing),
+      -- or from an earlier process of a worker that now runs on another node.
       stale AS (
         DELETE FROM job_offers o WHERE o.worker_id IN (SELECT worker_id FROM off)
-          OR NOT EXISTS (SELECT 1 FROM gh_worker_registry w WHERE w.worker_id = o.worker_id AND w.status = 'active')
+          OR NOT EXISTS (SELECT 1 FROM gh_worker_registry w
+                         WHERE w.worker_id = o.worker_id AND w.node_id = o.node_id AND w.status = 'active')
         RETURNING 1
       )
       SELECT worker_id FROM off WHERE (SELECT count(*) FROM ev) >= 0 AND (SELECT count(*) FROM stale) >= 0`.withoutTransform.pipe(

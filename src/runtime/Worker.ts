@@ -110,6 +110,8 @@ export const make = (
       Schedule.union(Schedule.spaced("2 seconds")),
       Schedule.upTo(Duration.decode(options.retryWritesFor ?? "60 seconds"))
     )
+    const pollInterval = Duration.decode(options.pollInterval ?? "5 seconds")
+    const pollMillis = Duration.toMillis(pollInterval)
     const counters = { claims: 0, claimed: 0, handed: 0, completed: 0, failed: 0, cancelled: 0, abandoned: 0 }
     let state: "active" | "draining" | "offline" = "active"
     let stopping = false
@@ -518,17 +520,39 @@ export const make = (
     /** Start jobs this worker now holds; their `job_started` events and callbacks are written meanwhile. */
     const launch = (rows: ReadonlyArray<JobStorage.Claimed>) =>
       Effect.gen(function* () {
-        if (rows.length === 0) return
+        // Each attempt once, whichever path (claim, NOTIFY, catch-up, deregister) brings it.
+        const fresh = rows.filter((r) => {
+          if (seen.has(`${r.id}:${r.attempts}`)) return false
+          markSeen(r.id, r.attempts)
+          return true
+        })
+        if (fresh.length === 0) return
         const ready = yield* Deferred.make<void>()
-        for (const row of rows) yield* start(row, ready)
-        yield* storage.started(registration, rows).pipe(
+        for (const row of fresh) yield* start(row, ready)
+        yield* storage.started(registration, fresh).pipe(
           Effect.retry(retryWrites),
+          // An attempt that ended before it started here (a cancel or the reaper got to its
+          // row first): its handler must not go on.
+          Effect.flatMap((live) =>
+            Effect.forEach(fresh, (row) => (live.has(row.id) ? Effect.void : loseRun(row.id, row.attempts)), {
+              discard: true
+            })
+          ),
           Effect.catchAll((e) =>
-            Effect.logWarning(`worker ${workerId}: job_started of ${rows.length} job(s) not written`, e)
+            Effect.logWarning(`worker ${workerId}: job_started of ${fresh.length} job(s) not written`, e)
           ),
           Effect.ensuring(Deferred.succeed(ready, undefined)),
           FiberSet.run(writers)
         )
+      })
+
+    /** Stop the handler of this attempt, if it runs here, without writing: the row is not ours. */
+    const loseRun = (jobId: string, epoch: number) =>
+      Effect.suspend(() => {
+        const run = runs.get(jobId)
+        if (run === undefined || run.epoch !== epoch || run.fiber === undefined) return Effect.void
+        if (run.stop === undefined) run.stop = { _tag: "Lost" }
+        return Fiber.interruptFork(run.fiber)
       })
 
     const lending = () => state === "active" && !stopping
@@ -557,6 +581,8 @@ export const make = (
       const items = yield* Queue.takeAll(handed)
       const rows: Array<JobStorage.Claimed> = []
       for (const item of items) {
+        // Seen: started already (a catch-up came first), or cancelled here before it arrived;
+        // either way a catch-up is due or done, and it recounts the offers.
         if (seen.has(`${item.id}:${item.attempts}`)) continue
         offered = Math.max(0, offered - 1)
         counters.handed++
@@ -572,20 +598,23 @@ export const make = (
     // After a reconnect or a quiet poll period (a NOTIFY may have been missed): take back
     // every offer, then start what was handed here and never started. Once the offers are
     // gone no submit can take one, and every one taken is committed, so the count is exact.
+    let lastReconcile = Date.now()
     const reconcile = Effect.gen(function* () {
-      yield* storage.withdraw(workerId)
+      lastReconcile = Date.now()
+      yield* storage.withdraw(registration)
       const rows = yield* storage.handed(registration, [...runs.keys()])
       offered = 0
       const fresh = rows.filter((r) => !seen.has(`${r.id}:${r.attempts}`))
       counters.handed += fresh.length
-      if (!stopping) yield* launch(fresh)
+      if (!stopping && state !== "offline") yield* launch(fresh)
       claimWanted = true
     })
 
     let claimFailures = 0
     const step = Effect.gen(function* () {
       yield* startHanded
-      if (reconcileWanted) {
+      // Also every poll interval under a steady stream of wake-ups (they reset the quiet timer).
+      if (reconcileWanted || Date.now() - lastReconcile >= pollMillis) {
         reconcileWanted = false
         yield* reconcile
       }
@@ -630,7 +659,9 @@ export const make = (
             .pipe(Effect.retry(retryWrites), Effect.orDie)
           yield* storage.closeTarget([workerId], "is draining").pipe(Effect.retry(retryWrites), Effect.orDie)
           // Jobs handed over before this still arrive and run, as a claim just before would.
-          const withdrawn = yield* storage.withdraw(workerId).pipe(Effect.retry(retryWrites), Effect.orDie)
+          const withdrawn = yield* storage
+            .withdraw(registration)
+            .pipe(Effect.retry(retryWrites), Effect.orDie)
           offered = Math.max(0, offered - withdrawn)
         }
         return yield* status
@@ -654,13 +685,22 @@ export const make = (
       })
 
     /** A cancel for a job this worker does not run in memory: settle it from its row. */
-    const cancelOrphan = (jobId: string, reason: string) =>
+    const cancelOrphan = (
+      jobId: string,
+      reason: string
+    ): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
       Effect.gen(function* () {
         const owner = yield* storage.owner(jobId).pipe(Effect.orDie)
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
         if (owner.status === "queued" || isTerminal(owner.status)) {
           return yield* new Conflict({ job_id: jobId, status: owner.status, reason: "it is not running" })
         }
+        // Handed here and started meanwhile (its NOTIFY arrived during the read): cancel the run.
+        const started = runs.get(jobId)
+        if (started?.epoch === owner.attempts && started.fiber !== undefined)
+          return yield* cancel(jobId, reason)
+        // Not started: it must not start when its NOTIFY comes, and its offer is spent.
+        markSeen(jobId, owner.attempts)
         const written = yield* storage
           .finish(jobId, owner.attempts, {
             status: "cancelled",
@@ -678,8 +718,10 @@ export const make = (
             reason: "it changed while cancelling"
           })
         }
-        // A job handed here whose NOTIFY has not arrived yet: it must not start when it does.
-        markSeen(jobId, owner.attempts)
+        // Started during the write after all: stop it (the row says cancelled already).
+        yield* loseRun(jobId, owner.attempts)
+        reconcileWanted = true
+        wake()
         return stateOf(jobId, "cancelled", owner.worker_id)
       })
 
@@ -732,6 +774,13 @@ export const make = (
     const deregister = (request: Omit<WorkerActor.Deregister, "_tag">) =>
       Effect.gen(function* () {
         yield* drain(request.reason)
+        // Jobs handed here whose NOTIFY is still on its way count as active: start them now
+        // (the drain took the offers back, so this is all of them), then wait or cancel.
+        const pending = yield* storage.handed(registration, [...runs.keys()]).pipe(Effect.orDie)
+        const fresh = pending.filter((r) => !seen.has(`${r.id}:${r.attempts}`))
+        offered = Math.max(0, offered - fresh.length)
+        counters.handed += fresh.length
+        yield* launch(fresh)
         const cancelled: Array<string> = []
         const cancelAll = Effect.forEach(
           [...runs.keys()],
@@ -797,7 +846,6 @@ export const make = (
       reconcileWanted = true
       wake()
     })
-    const pollInterval = Duration.decode(options.pollInterval ?? "5 seconds")
     yield* Queue.take(signals).pipe(
       Effect.timeoutOption(pollInterval),
       Effect.tap((signal) =>
@@ -857,7 +905,7 @@ export const make = (
     yield* Effect.addFinalizer(() =>
       Effect.gen(function* () {
         stopping = true
-        yield* storage.withdraw(workerId).pipe(Effect.timeout("5 seconds"), Effect.ignore)
+        yield* storage.withdraw(registration).pipe(Effect.timeout("5 seconds"), Effect.ignore)
         yield* FiberSet.clear(fibers)
         if (state !== "offline") {
           yield* storage
