@@ -522,7 +522,7 @@ export const make = (
       Effect.gen(function* () {
         // Each attempt once, whichever path (claim, NOTIFY, catch-up, deregister) brings it.
         const fresh = rows.filter((r) => {
-          if (seen.has(`${r.id}:${r.attempts}`)) return false
+          if (seen.has(`${r.id}:${r.attempts}`) || runs.get(r.id)?.epoch === r.attempts) return false
           markSeen(r.id, r.attempts)
           return true
         })
