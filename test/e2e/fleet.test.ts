@@ -34,13 +34,17 @@ interface Spec {
   readonly ms: number
 }
 
-/** A third of each affinity, interleaved; targeted ones spread over the three workers; 20–150 ms each. */
+/**
+ * A third of each affinity, interleaved; targeted ones spread over the three workers; 20–150 ms
+ * each, and 150–400 ms once the kill may come, so that on a loaded machine too the victim is
+ * seen running a strict and another job with time to go.
+ */
 const specs: ReadonlyArray<Spec> = Array.from({ length: jobCount }, (_, i) => {
   const affinity = (["any", "preferred", "strict"] as const)[i % 3]!
   return {
     affinity,
     target: affinity === "any" ? null : workers[Math.floor(i / 3) % 3]!,
-    ms: 20 + ((i * 37) % 131)
+    ms: i < killAfterStarted ? 20 + ((i * 37) % 131) : 150 + ((i * 37) % 251)
   }
 })
 

@@ -126,7 +126,8 @@ describe("jobs and workers", () => {
             ec2_ip: "10.0.0.7",
             target_worker_id: "sandbox-1"
           })
-          expect(w.worker.stats().completed).toBe(1)
+          // Counted when the worker gets its write's answer, just after the row changed.
+          yield* eventually(Effect.sync(() => (w.worker.stats().completed === 1 ? true : undefined)))
         })
     )
 
@@ -752,6 +753,12 @@ describe("jobs and workers", () => {
           target_worker_id: "w-n16a"
         })
         expect(yield* Deferred.await(gate(k, 1).started)).toBe("w-n16a")
+        // Its job_started is written (a worker stops an attempt found ended by that write).
+        yield* eventually(
+          Effect.map(eventsOf(job.id), (events) =>
+            events.some((e) => e.event_type === "job_started") ? true : undefined
+          )
+        )
         // The system gives up on attempt 1 while its worker still runs it (as after a partition).
         const storage = yield* JobStorage.make
         yield* storage.reap({
