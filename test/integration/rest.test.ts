@@ -652,6 +652,13 @@ describe("REST compatibility routes, health and metrics", () => {
 
           const gone = yield* startWorker("n-gone", { targetWorkerId: "sb-gone" })
           yield* gone.stop
+          // A worker deregistered an hour after it registered, with the columns the client app
+          // writes itself (task URL, browser session) and failures on its counter.
+          const sql = yield* SqlClient.SqlClient
+          yield* sql`INSERT INTO gh_worker_registry (worker_id, status, target_worker_id, current_task_url,
+              browser_session_id, registered_at, last_heartbeat, deregistered_at, jobs_completed, jobs_failed)
+            VALUES ('w-legacy', 'offline', 'sb-legacy', 'https://jobs.example/apply/42', 'bs-7f3a',
+              now() - interval '2 hours', now() - interval '1 hour', now() - interval '1 hour', 7, 2)`
 
           const answer = yield* eventually(
             Effect.map(call(base, "GET", "/api/v1/monitoring/workers"), (a) => {
@@ -700,7 +707,18 @@ describe("REST compatibility routes, health and metrics", () => {
           // Draining while it finishes its job: draining, with the job it finishes.
           expect(byId.get("w-n-drain")).toMatchObject({ status: "draining", current_job_id: drainJob.id })
           expect(byId.get("w-n-gone")).toMatchObject({ status: "offline", target_worker_id: "sb-gone" })
-          for (const w of workers) {
+          expect(byId.get("w-legacy")).toMatchObject({
+            status: "offline",
+            target_worker_id: "sb-legacy",
+            current_job_id: null,
+            current_task_url: "https://jobs.example/apply/42",
+            browser_session_id: "bs-7f3a",
+            jobs_completed: 7,
+            jobs_failed: 2,
+            // Registration to deregistration, not to now.
+            uptime_seconds: 3600
+          })
+          for (const w of workers.filter((x) => x.worker_id !== "w-legacy")) {
             expect(w.registered_at).toMatch(isoPattern)
             expect(w.last_heartbeat).toMatch(isoPattern)
             expect(Number.isInteger(w.uptime_seconds)).toBe(true)
