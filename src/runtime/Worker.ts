@@ -169,6 +169,7 @@ export const make = (
     // job is started once, whether its NOTIFY or a catch-up (`reconcile`) brings it first.
     const seen = new Set<string>()
     const seenLimit = 10_000
+    const isSeen = (id: string, epoch: number) => seen.has(`${id}:${epoch}`)
     const markSeen = (id: string, epoch: number) => {
       seen.add(`${id}:${epoch}`)
       if (seen.size > seenLimit) seen.delete(seen.values().next().value!)
@@ -477,7 +478,6 @@ export const make = (
           progress: undefined
         }
         runs.set(run.id, run)
-        markSeen(run.id, run.epoch)
         busy++
         yield* idle.close
         counters.claimed++
@@ -517,16 +517,19 @@ export const make = (
 
     // --- Claiming ---
 
-    /** Start jobs this worker now holds; their `job_started` events and callbacks are written meanwhile. */
+    /**
+     * Start jobs this worker now holds, each attempt once whichever path (claim, NOTIFY,
+     * catch-up, deregister) brings it; their `job_started` events and callbacks are written
+     * meanwhile. Returns how many it started.
+     */
     const launch = (rows: ReadonlyArray<JobStorage.Claimed>) =>
       Effect.gen(function* () {
-        // Each attempt once, whichever path (claim, NOTIFY, catch-up, deregister) brings it.
         const fresh = rows.filter((r) => {
-          if (seen.has(`${r.id}:${r.attempts}`) || runs.get(r.id)?.epoch === r.attempts) return false
+          if (isSeen(r.id, r.attempts) || runs.get(r.id)?.epoch === r.attempts) return false
           markSeen(r.id, r.attempts)
           return true
         })
-        if (fresh.length === 0) return
+        if (fresh.length === 0) return 0
         const ready = yield* Deferred.make<void>()
         for (const row of fresh) yield* start(row, ready)
         yield* storage.started(registration, fresh).pipe(
@@ -544,6 +547,7 @@ export const make = (
           Effect.ensuring(Deferred.succeed(ready, undefined)),
           FiberSet.run(writers)
         )
+        return fresh.length
       })
 
     /** Stop the handler of this attempt, if it runs here, without writing: the row is not ours. */
@@ -583,13 +587,13 @@ export const make = (
       for (const item of items) {
         // Seen: started already (a catch-up came first), or cancelled here before it arrived;
         // either way a catch-up is due or done, and it recounts the offers.
-        if (seen.has(`${item.id}:${item.attempts}`)) continue
+        if (isSeen(item.id, item.attempts)) continue
         offered = Math.max(0, offered - 1)
         counters.handed++
         if (stopping) continue
         if (item.fetch === true) {
           const row = yield* storage.handedOne(registration, item.id, item.attempts)
-          if (row !== undefined && !seen.has(`${row.id}:${row.attempts}`)) rows.push(row)
+          if (row !== undefined) rows.push(row)
         } else rows.push(item)
       }
       yield* launch(rows)
@@ -604,16 +608,14 @@ export const make = (
       yield* storage.withdraw(registration)
       const rows = yield* storage.handed(registration, [...runs.keys()])
       offered = 0
-      const fresh = rows.filter((r) => !seen.has(`${r.id}:${r.attempts}`))
-      counters.handed += fresh.length
-      if (!stopping && state !== "offline") yield* launch(fresh)
+      if (!stopping && state !== "offline") counters.handed += yield* launch(rows)
       claimWanted = true
     })
 
     let claimFailures = 0
     const step = Effect.gen(function* () {
       yield* startHanded
-      // Also every poll interval under a steady stream of wake-ups (they reset the quiet timer).
+      // At least every poll interval, also under a steady stream of wake-ups.
       if (reconcileWanted || Date.now() - lastReconcile >= pollMillis) {
         reconcileWanted = false
         yield* reconcile
@@ -777,10 +779,9 @@ export const make = (
         // Jobs handed here whose NOTIFY is still on its way count as active: start them now
         // (the drain took the offers back, so this is all of them), then wait or cancel.
         const pending = yield* storage.handed(registration, [...runs.keys()]).pipe(Effect.orDie)
-        const fresh = pending.filter((r) => !seen.has(`${r.id}:${r.attempts}`))
-        offered = Math.max(0, offered - fresh.length)
-        counters.handed += fresh.length
-        yield* launch(fresh)
+        const started = yield* launch(pending)
+        offered = Math.max(0, offered - started)
+        counters.handed += started
         const cancelled: Array<string> = []
         const cancelAll = Effect.forEach(
           [...runs.keys()],
@@ -846,17 +847,9 @@ export const make = (
       reconcileWanted = true
       wake()
     })
+    // A quiet poll interval ends the wait: `step` then catches up (a poll interval has passed).
     yield* Queue.take(signals).pipe(
       Effect.timeoutOption(pollInterval),
-      Effect.tap((signal) =>
-        Effect.sync(() => {
-          // A quiet period: catch up as after a reconnect.
-          if (Option.isNone(signal)) {
-            reconcileWanted = true
-            claimWanted = true
-          }
-        })
-      ),
       Effect.zipRight(step),
       Effect.catchAllCause((cause) =>
         Cause.isInterruptedOnly(cause)
