@@ -61,3 +61,15 @@ export const listenPort = (name: string, fallback: number): Config.Config<number
 
 /** `TROUPE_HTTP_HOST`: the interface HTTP servers bind (default all, 0.0.0.0). */
 export const listenHost = Config.string("TROUPE_HTTP_HOST").pipe(Config.withDefault("0.0.0.0"))
+
+/**
+ * What `/health` reports of the deployment: `TROUPE_ENV` (else `NODE_ENV`, else
+ * `development`) and `COMMIT_SHA` (else `unknown`).
+ */
+export const DeploymentConfig = Config.all({
+  environment: Config.string("TROUPE_ENV").pipe(
+    Config.orElse(() => Config.string("NODE_ENV")),
+    Config.withDefault("development")
+  ),
+  commitSha: Config.string("COMMIT_SHA").pipe(Config.withDefault("unknown"))
+})

@@ -22,7 +22,7 @@ import type { SqlError } from "@effect/sql/SqlError"
 import { Deferred, Duration, Effect, Exit, Queue, type Scope } from "effect"
 import type { EventRecord } from "../protocol/Edge.ts"
 import { PersistenceError } from "../protocol/Errors.ts"
-import { InvalidRequest, NotFound } from "../protocol/Jobs.ts"
+import { InvalidRequest, isJobId, NotFound } from "../protocol/Jobs.ts"
 import { describe, runHot } from "./Database.ts"
 import type { TroupeNode } from "./Node.ts"
 
@@ -469,7 +469,7 @@ export const make = (
 
     const history: EventStream["history"] = (jobId, historyOptions) =>
       Effect.gen(function* () {
-        if (!uuidPattern.test(jobId)) {
+        if (!isJobId(jobId)) {
           return yield* new InvalidRequest({ reason: `job id "${jobId.slice(0, 80)}" is not a uuid` })
         }
         const limit = historyOptions?.limit ?? 1000
@@ -567,7 +567,7 @@ const toItem = (row: Row): Item => ({
 
 const keyOf = (filter: EventFilter): Key =>
   "job_id" in filter
-    ? uuidPattern.test(filter.job_id)
+    ? isJobId(filter.job_id)
       ? { kind: "job", value: filter.job_id.toLowerCase() }
       : { kind: "never", value: "" }
     : "valet_task_id" in filter
@@ -577,7 +577,5 @@ const keyOf = (filter: EventFilter): Key =>
         : { kind: "all", value: "" }
 
 const persistence = (error: SqlError) => new PersistenceError({ reason: describe(error) })
-
-const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 const maxBigint = 9_223_372_036_854_775_807n

@@ -523,7 +523,7 @@ class Connection {
   }
 
   private onAuth(id: string, token: string) {
-    if (Rest.authorized(`Bearer ${token}`, this.services.secret)) {
+    if (Rest.sameSecret(token, this.services.secret)) {
       this.authenticated = true
       clearTimeout(this.authTimer)
       return this.reply(id, { authenticated: true })

@@ -389,9 +389,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
      */
     const handed = (worker: WorkerRegistration, known: ReadonlyArray<string>) =>
       sql<Claimed>`
-      SELECT j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity,
-        j.target_worker_id, j.valet_task_id, j.cost
-      FROM gh_automation_jobs j
+      SELECT ${claimedColumns} FROM gh_automation_jobs j
       WHERE j.worker_id = ${worker.workerId}::text AND j.status = 'running' AND j.node_id = ${worker.nodeId}::text
         AND NOT (j.id = ANY(${known}::uuid[]))
         AND NOT EXISTS (SELECT 1 FROM gh_job_events e WHERE e.job_id = j.id AND e.event_type = 'job_started'
@@ -401,9 +399,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     const handedOne = (worker: WorkerRegistration, jobId: string, attempts: number) =>
       Effect.map(
         sql<Claimed>`
-      SELECT j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity,
-        j.target_worker_id, j.valet_task_id, j.cost
-      FROM gh_automation_jobs j
+      SELECT ${claimedColumns} FROM gh_automation_jobs j
       WHERE j.id = ${jobId}::uuid AND j.attempts = ${attempts}::int AND j.worker_id = ${worker.workerId}::text
         AND j.status = 'running'`.withoutTransform,
         (rows) => rows[0]
@@ -1010,6 +1006,11 @@ export interface JobRow {
   readonly started_at: Date | null
   readonly finished_at: Date | null
 }
+
+/** The columns of a `Claimed` from `gh_automation_jobs j`. */
+const claimedColumns = Statement.unsafeFragment(
+  "j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity, j.target_worker_id, j.valet_task_id, j.cost"
+)
 
 /**
  * The NOTIFY payload that hands the inserted job `alias` to its worker (`Pushed`): the job

@@ -15,6 +15,7 @@ import {
   DeregisterRequest,
   type DeregisterResult,
   InvalidRequest,
+  isJobId,
   isTerminal,
   type Job,
   NotFound,
@@ -111,7 +112,7 @@ export const make = (
       )
 
     const checkId = (jobId: string) =>
-      uuidPattern.test(jobId)
+      isJobId(jobId)
         ? Effect.void
         : Effect.fail(new InvalidRequest({ reason: `job id "${jobId.slice(0, 80)}" is not a uuid` }))
 
@@ -387,8 +388,6 @@ export const make = (
   })
 
 // --- internal ---
-
-const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 // Kinds used only to address and encode messages from this side: behaviour lives on the
 // node that hosts the actor.

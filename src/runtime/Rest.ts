@@ -18,18 +18,20 @@
 import { type HttpApp, HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeHttpServerRequest } from "@effect/platform-node"
 import { SqlClient } from "@effect/sql"
-import { Cause, Config, Data, Effect, Either, ParseResult, Redacted, Schema } from "effect"
+import { Cause, Data, Effect, Either, ParseResult, Redacted, Schema } from "effect"
 import * as Crypto from "node:crypto"
-import * as Fs from "node:fs"
+import packageJson from "../../package.json" with { type: "json" }
 import * as Edge from "../protocol/Edge.ts"
 import {
   DeregisterRequest,
   DeregisterResult,
+  isJobId,
   Job,
   JobState,
   Resolution,
   SubmitJob
 } from "../protocol/Jobs.ts"
+import { DeploymentConfig } from "./Config.ts"
 import type { EventStream } from "./EventStream.ts"
 import type { JobService } from "./Jobs.ts"
 import type { Monitoring } from "./Monitoring.ts"
@@ -65,11 +67,17 @@ export const serviceName = "troupe-gateway"
  * `timingSafeEqual`, so neither the secret's length nor a matching prefix shows in timing.
  */
 export const authorized = (header: string | undefined, secret: Redacted.Redacted<string>): boolean => {
-  if (header === undefined) return false
-  const match = /^\s*bearer\s+(.+?)\s*$/i.exec(header)
+  const match = header === undefined ? null : /^\s*bearer\s+(.+?)\s*$/i.exec(header)
+  return match !== null && sameSecret(match[1]!, secret)
+}
+
+/**
+ * Whether `given` is the secret (an empty secret matches nothing). Constant time: the
+ * sha256 digests of both are compared with `timingSafeEqual`.
+ */
+export const sameSecret = (given: string, secret: Redacted.Redacted<string>): boolean => {
   const expected = Redacted.value(secret)
-  if (match === null || expected.length === 0) return false
-  return Crypto.timingSafeEqual(digest(match[1]!), digest(expected))
+  return expected.length > 0 && Crypto.timingSafeEqual(digest(given), digest(expected))
 }
 
 /** The HTTP status and `RestError` body for an error of the job service (or of a route). */
@@ -124,6 +132,7 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
 
   const health = Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
+    const deployment = yield* Effect.orDie(DeploymentConfig)
     const apiHealthy = yield* sql`SELECT 1`.pipe(
       Effect.disconnect,
       Effect.timeout("2 seconds"),
@@ -133,9 +142,9 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
     const body: Edge.Health = {
       status: apiHealthy ? "ok" : "degraded",
       service: serviceName,
-      version: options.version ?? packageVersion(),
-      environment: options.environment ?? (yield* environmentConfig),
-      commit_sha: options.commitSha ?? (yield* commitShaConfig),
+      version: options.version ?? packageJson.version,
+      environment: options.environment ?? deployment.environment,
+      commit_sha: options.commitSha ?? deployment.commitSha,
       api_healthy: apiHealthy,
       timestamp: new Date().toISOString()
     }
@@ -289,32 +298,10 @@ const fieldsOf = (error: unknown): Record<string, unknown> => {
   return fields
 }
 
-const commitShaConfig = Config.string("COMMIT_SHA").pipe(Config.withDefault("unknown"), Effect.orDie)
-const environmentConfig = Config.string("TROUPE_ENV").pipe(
-  Config.orElse(() => Config.string("NODE_ENV")),
-  Config.withDefault("development"),
-  Effect.orDie
-)
-
-let cachedVersion: string | undefined
-/** `version` of the package.json beside `src/`. */
-const packageVersion = (): string => {
-  if (cachedVersion === undefined) {
-    const read = Either.try(() =>
-      Fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8")
-    ).pipe(Either.flatMap((text) => decodePackage(text)))
-    cachedVersion = Either.isRight(read) ? read.right.version : "unknown"
-  }
-  return cachedVersion
-}
-const decodePackage = Schema.decodeUnknownEither(Schema.parseJson(Schema.Struct({ version: Schema.String })))
-
-const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
-
 /** The `:id` of a job route; an id that is not a uuid names no job (404). */
 const jobId = Effect.flatMap(HttpRouter.params, (params) => {
   const id = params.id ?? ""
-  return uuidPattern.test(id)
+  return isJobId(id)
     ? Effect.succeed(id)
     : Effect.fail(
         new RestFailure({

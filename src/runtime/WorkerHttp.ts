@@ -17,11 +17,11 @@ import {
 import { NodeHttpServer } from "@effect/platform-node"
 import { SqlClient } from "@effect/sql"
 import { Cause, Config, Duration, Effect, Option, Redacted, Schema, type Scope } from "effect"
-import * as Crypto from "node:crypto"
 import * as Http from "node:http"
 import packageJson from "../../package.json" with { type: "json" }
 import { type ErrorCode, Health, RestError, WorkerHealth, WorkerStatus } from "../protocol/Edge.ts"
-import { listenHost, listenPort } from "./Config.ts"
+import { DeploymentConfig, listenHost, listenPort } from "./Config.ts"
+import { sameSecret } from "./Rest.ts"
 import type { Worker } from "./Worker.ts"
 
 /** Options of a worker node's HTTP server. */
@@ -40,14 +40,13 @@ export interface Options {
   readonly healthTimeout?: Duration.DurationInput
 }
 
-/** `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, `NODE_ENV`, `COMMIT_SHA`. */
+/** `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, and the deployment (`DeploymentConfig`). */
 export const OptionsConfig: Config.Config<Options> = Config.all({
   port: listenPort("GH_WORKER_PORT", 3101),
   host: listenHost,
   deploySecret: Config.option(Config.redacted("GH_DEPLOY_SECRET")).pipe(Config.map(Option.getOrUndefined)),
-  environment: Config.string("NODE_ENV").pipe(Config.withDefault("development")),
-  commitSha: Config.string("COMMIT_SHA").pipe(Config.withDefault("unknown"))
-})
+  deployment: DeploymentConfig
+}).pipe(Config.map(({ deployment, ...rest }) => ({ ...rest, ...deployment })))
 
 /** The answer to a successful `POST /worker/drain`. */
 export const DrainResult = Schema.Struct({
@@ -85,8 +84,7 @@ export const make = (
     const environment = options.environment ?? "development"
     const commitSha = options.commitSha ?? "unknown"
     const healthTimeout = Duration.decode(options.healthTimeout ?? "2 seconds")
-    const secret = options.deploySecret ? Redacted.value(options.deploySecret) : ""
-    const secretDigest = secret === "" ? undefined : sha256(secret)
+    const secret = options.deploySecret ?? Redacted.make("")
 
     // --- Routes ---
 
@@ -139,7 +137,7 @@ export const make = (
 
     const drain = Effect.gen(function* () {
       const request = yield* HttpServerRequest.HttpServerRequest
-      if (secretDigest === undefined) {
+      if (Redacted.value(secret) === "") {
         return failure(
           503,
           "INTERNAL",
@@ -147,7 +145,7 @@ export const make = (
         )
       }
       const given = request.headers["x-deploy-secret"]
-      if (given === undefined || !Crypto.timingSafeEqual(sha256(given), secretDigest)) {
+      if (given === undefined || !sameSecret(given, secret)) {
         return failure(
           401,
           "UNAUTHORIZED",
@@ -224,8 +222,6 @@ const allowed: Record<string, string> = {
   "/worker/status": "GET, HEAD",
   "/worker/drain": "POST"
 }
-
-const sha256 = (text: string) => Crypto.createHash("sha256").update(text, "utf8").digest()
 
 const json = <A, I>(schema: Schema.Schema<A, I>, body: NoInfer<A>, status = 200) =>
   HttpServerResponse.schemaJson(schema)(body, { status }).pipe(Effect.orDie)
