@@ -6,7 +6,6 @@
 import { SqlClient } from "@effect/sql"
 import { describe, expect, layer } from "@effect/vitest"
 import { type Duration, Effect, Fiber, Schedule, type Scope, Stream } from "effect"
-import * as Crypto from "node:crypto"
 import * as Net from "node:net"
 // Through the package name, as an application imports it (package.json "exports", resolved by self-reference).
 import { Client, connect, type EventRecord, TroupeClientError } from "troupe/client"
@@ -14,9 +13,7 @@ import * as ClientSource from "../../src/client/index.ts"
 import * as Db from "../fixtures/Db.ts"
 import * as Processes from "../fixtures/Processes.ts"
 import { secret, startEdge } from "../fixtures/Edge.ts"
-import { eventually, startedOf, startWorker } from "../fixtures/Jobs.ts"
-
-const key = () => Crypto.randomUUID()
+import { eventually, key, startedOf, startWorker } from "../fixtures/Jobs.ts"
 
 /** A loopback TCP proxy to `port` that a test can cut (drop every connection), hold down (refuse new ones) or stall (hold what the server sends). */
 interface Proxy {

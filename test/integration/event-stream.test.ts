@@ -10,7 +10,7 @@ import * as EventStream from "../../src/runtime/EventStream.ts"
 import * as Node from "../../src/runtime/Node.ts"
 import * as Db from "../fixtures/Db.ts"
 import { killListener } from "../fixtures/Delivery.ts"
-import { startGateway, startWorker } from "../fixtures/Jobs.ts"
+import { reportEvents, startGateway, startWorker } from "../fixtures/Jobs.ts"
 
 // --- helpers ---
 
@@ -127,20 +127,7 @@ describe("event stream", () => {
           }
           const stored = yield* sql<{ id: string; event_type: string }>`
             SELECT id::text AS id, event_type FROM gh_job_events WHERE job_id = ${job.id}::uuid ORDER BY gh_job_events.id`
-          expect(stored.map((e) => e.event_type)).toEqual([
-            "job_started",
-            "step_started",
-            "step_completed",
-            "thought",
-            "tokens_used",
-            "tokens_used",
-            "cookbook_step_started",
-            "cookbook_step_completed",
-            "mode_switched",
-            "observation_started",
-            "observation_completed",
-            "job_completed"
-          ])
+          expect(stored.map((e) => e.event_type)).toEqual(reportEvents)
           const jobIds = stored.map((e) => e.id)
           expect(ids(byJob.events)).toEqual(jobIds)
           expect(ids(byTask.events)).toEqual(jobIds)

@@ -9,10 +9,9 @@ import { Deferred, Effect } from "effect"
 import * as Crypto from "node:crypto"
 import * as Db from "../fixtures/Db.ts"
 import { secret, startEdge } from "../fixtures/Edge.ts"
-import { command, eventually, slot, startedOf, startWorker } from "../fixtures/Jobs.ts"
+import { command, eventually, key, slot, startedOf, startWorker } from "../fixtures/Jobs.ts"
 import { connect, eventsOf, type Frame } from "../fixtures/Ws.ts"
 
-const key = () => Crypto.randomUUID()
 const errorCode = (reply: Frame) =>
   reply.ok === false ? reply.error.code : `ok: ${JSON.stringify(reply.result)}`
 

@@ -7,13 +7,12 @@
 import { SqlClient } from "@effect/sql"
 import { layer } from "@effect/vitest"
 import { Deferred, Effect, Schema } from "effect"
-import * as Crypto from "node:crypto"
 import { expect } from "vitest"
 import * as JobHandler from "../../src/runtime/JobHandler.ts"
 import * as JobStorage from "../../src/runtime/JobStorage.ts"
 import * as Db from "../fixtures/Db.ts"
 import { killListener } from "../fixtures/Delivery.ts"
-import { eventually, handlers, slot, startGateway, startWorker } from "../fixtures/Jobs.ts"
+import { eventually, handlers, key, slot, startGateway, startWorker, statusIs } from "../fixtures/Jobs.ts"
 
 /** Handlers that record, per worker, how many of their runs overlap and which jobs ran. */
 const counting = () => {
@@ -52,8 +51,6 @@ const statusesOf = (ids: ReadonlyArray<string>) =>
         (SELECT count(*)::int FROM gh_job_events e WHERE e.job_id = j.id AND e.event_type = 'job_started') AS started
       FROM gh_automation_jobs j WHERE j.id = ANY(${ids}::uuid[])`.withoutTransform
   )
-
-const key = () => Crypto.randomUUID()
 
 /**
  * What a submit does when the NOTIFY to the worker's node never arrives: wait for the
@@ -173,7 +170,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
       const w = yield* startWorker("h3", { handlers: c.handlers, pollInterval: "60 seconds" })
       const id = yield* handOffSilently("w-h3", "work", {})
       expect(yield* killListener("h3")).toBe(1)
-      yield* eventually(Effect.map(statusesOf([id]), ([r]) => (r?.status === "completed" ? true : undefined)))
+      yield* statusIs(id, "completed")
       expect(c.runs.filter((x) => x === id)).toEqual([id])
       expect((yield* statusesOf([id])).map((r) => [r.attempts, r.started, r.worker_id])).toEqual([
         [1, 1, "w-h3"]
@@ -188,7 +185,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
       const c = counting()
       const w = yield* startWorker("h7", { handlers: c.handlers, pollInterval: "300 millis" })
       const id = yield* handOffSilently("w-h7", "work", {})
-      yield* eventually(Effect.map(statusesOf([id]), ([r]) => (r?.status === "completed" ? true : undefined)))
+      yield* statusIs(id, "completed")
       expect(c.runs.filter((x) => x === id)).toEqual([id])
       expect(w.worker.stats().handed).toBe(1)
     })
@@ -214,7 +211,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
         )
         const next = yield* jobs.submit({ job_type: "work" })
         expect(next).toMatchObject({ status: "running", worker_id: "w-h8" })
-        yield* eventually(Effect.map(jobs.get(next.id), (j) => (j.status === "completed" ? true : undefined)))
+        yield* statusIs(next.id, "completed")
         expect(c.runs).toEqual([next.id])
         expect((yield* jobs.get(id)).status).toBe("cancelled")
       })
@@ -296,7 +293,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
       expect(queued).toMatchObject({ status: "queued", worker_id: null })
 
       const v = yield* startWorker("h4b", { maxConcurrent: 1 })
-      yield* eventually(Effect.map(jobs.get(queued.id), (j) => (j.status === "completed" ? true : undefined)))
+      yield* statusIs(queued.id, "completed")
       yield* eventually(Effect.map(offersOf("w-h4b"), (n) => (n === 1 ? true : undefined)))
       yield* v.stop
       yield* eventually(Effect.map(offersOf("w-h4b"), (n) => (n === 0 ? true : undefined)))

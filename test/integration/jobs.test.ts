@@ -6,10 +6,20 @@ import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
 import * as CallbackDispatcher from "../../src/runtime/CallbackDispatcher.ts"
 import * as Db from "../fixtures/Db.ts"
-import { command, eventually, gate, slot, startedOf, startGateway, startWorker } from "../fixtures/Jobs.ts"
+import {
+  command,
+  eventually,
+  gate,
+  key,
+  reportEvents,
+  slot,
+  startedOf,
+  startGateway,
+  startWorker,
+  statusIs,
+  statusOf
+} from "../fixtures/Jobs.ts"
 import * as JobStorage from "../../src/runtime/JobStorage.ts"
-
-const key = () => Crypto.randomUUID()
 
 const eventsOf = (jobId: string) =>
   Effect.flatMap(
@@ -18,24 +28,6 @@ const eventsOf = (jobId: string) =>
       sql<{ event_type: string; actor: string | null; metadata: Record<string, unknown>; message: string }>`
       SELECT event_type, actor, metadata, message FROM gh_job_events WHERE job_id = ${jobId}::uuid ORDER BY id`
   )
-
-const statusOf = (jobId: string) =>
-  Effect.flatMap(SqlClient.SqlClient, (sql) =>
-    Effect.map(
-      sql<{
-        status: string
-        worker_id: string | null
-        error_code: string | null
-        attempts: number
-        node_id: string | null
-      }>`
-        SELECT status, worker_id, error_code, attempts, node_id FROM gh_automation_jobs WHERE id = ${jobId}::uuid`,
-      (rows) => rows[0]!
-    )
-  )
-
-const statusIs = (jobId: string, status: string) =>
-  eventually(Effect.map(statusOf(jobId), (r) => (r.status === status ? r : undefined)))
 
 /** A real HTTP server that fails the first `failures` requests of each idempotency key, then answers 200. */
 const callbackServer = (failures: number) =>
@@ -543,20 +535,7 @@ describe("jobs and workers", () => {
           const job = yield* jobs.submit({ job_type: "report", callback_url: "http://127.0.0.1:9/cb" })
           yield* statusIs(job.id, "completed")
           const events = yield* eventsOf(job.id)
-          expect(events.map((e) => e.event_type)).toEqual([
-            "job_started",
-            "step_started",
-            "step_completed",
-            "thought",
-            "tokens_used",
-            "tokens_used",
-            "cookbook_step_started",
-            "cookbook_step_completed",
-            "mode_switched",
-            "observation_started",
-            "observation_completed",
-            "job_completed"
-          ])
+          expect(events.map((e) => e.event_type)).toEqual(reportEvents)
           const step = events.find((e) => e.event_type === "step_started")!
           expect(step.metadata).toMatchObject({ worker_id: "w-n11", step_index: 1, total_steps: 2 })
           expect(events.find((e) => e.event_type === "mode_switched")!.metadata).toMatchObject({

@@ -23,10 +23,19 @@ import * as EventStream from "../../src/runtime/EventStream.ts"
 import type * as Node from "../../src/runtime/Node.ts"
 import * as Rest from "../../src/runtime/Rest.ts"
 import * as Db from "../fixtures/Db.ts"
-import { command, eventually, slot, startedOf, startGateway, startWorker } from "../fixtures/Jobs.ts"
+import {
+  command,
+  eventually,
+  key,
+  slot,
+  startedOf,
+  startGateway,
+  startWorker,
+  statusIs,
+  statusOf
+} from "../fixtures/Jobs.ts"
 
 const secret = "rest-test-secret-8f1d2c"
-const key = () => Crypto.randomUUID()
 const isoPattern = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/
 
 /** Serve the REST app on a free loopback port until the scope closes. */
@@ -126,14 +135,6 @@ const expectError = (answer: Answer, status: number, code: Edge.ErrorCode) => {
   expect(answer.body.error.message.length).toBeGreaterThan(10)
   expect(answer.headers.get("content-type")).toMatch(/^application\/json/)
 }
-
-const jobStatus = (jobId: string) =>
-  Effect.flatMap(SqlClient.SqlClient, (sql) =>
-    Effect.map(
-      sql<{ status: string }>`SELECT status FROM gh_automation_jobs WHERE id = ${jobId}::uuid`,
-      (rows) => rows[0]?.status
-    )
-  )
 
 // --- A minimal Prometheus text format 0.0.4 parser ---
 
@@ -315,7 +316,7 @@ describe("REST compatibility routes, health and metrics", () => {
           }
         }
         // Nothing happened: the job still runs, the worker still works, nothing was submitted.
-        expect(yield* jobStatus(job.id)).toBe("running")
+        expect((yield* statusOf(job.id)).status).toBe("running")
         const worker = (yield* Monitoring.workerRows).find((w) => w.worker_id === "w-n-auth")
         expect(worker?.state).toBe("busy")
         expect(yield* countJobs).toBe(jobsBefore)
@@ -459,10 +460,10 @@ describe("REST compatibility routes, health and metrics", () => {
         })
         expectError(early, 409, "CONFLICT")
         expect(early.body.error.details).toMatchObject({ job_id: job.id, status: "running" })
-        expect(yield* jobStatus(job.id)).toBe("running")
+        expect((yield* statusOf(job.id)).status).toBe("running")
 
         yield* command(k, { _tag: "needs_human", timeoutSeconds: 120 })
-        yield* eventually(Effect.map(jobStatus(job.id), (s) => (s === "needs_human" ? s : undefined)))
+        yield* statusIs(job.id, "needs_human")
         const waiting = yield* call(base, "GET", `/api/v1/jobs/${job.id}`)
         expect(waiting.body.interaction).toMatchObject({ type: "captcha", timeout_seconds: 120 })
 
@@ -473,7 +474,7 @@ describe("REST compatibility routes, health and metrics", () => {
         expect(bad.body.error.details.issues.map((i: { path: Array<string> }) => i.path)).toContainEqual([
           "resolved_by"
         ])
-        expect(yield* jobStatus(job.id)).toBe("needs_human")
+        expect((yield* statusOf(job.id)).status).toBe("needs_human")
 
         const resumed = yield* call(base, "POST", `/api/v1/jobs/${job.id}/resume`, {
           body: { resolved_by: "human", resolution_data: { solved: true } }
@@ -488,7 +489,7 @@ describe("REST compatibility routes, health and metrics", () => {
         const answer = yield* Queue.take(slot(k).resumed)
         expect(answer).toMatchObject({ resolved_by: "human", resolution_data: { solved: true } })
         yield* command(k, { _tag: "complete" })
-        yield* eventually(Effect.map(jobStatus(job.id), (s) => (s === "completed" ? s : undefined)))
+        yield* statusIs(job.id, "completed")
       })
     )
 
@@ -627,7 +628,7 @@ describe("REST compatibility routes, health and metrics", () => {
             target_worker_id: "sb-idle",
             worker_affinity: "strict"
           })
-          yield* eventually(Effect.map(jobStatus(done.id), (s) => (s === "completed" ? s : undefined)))
+          yield* statusIs(done.id, "completed")
 
           yield* startWorker("n-busy", { targetWorkerId: "sb-busy" })
           const kb = key()
@@ -762,7 +763,7 @@ describe("REST compatibility routes, health and metrics", () => {
             worker_ids: ["w-n-dereg"],
             cancelled_job_ids: [job.id]
           })
-          expect(yield* jobStatus(job.id)).toBe("cancelled")
+          expect((yield* statusOf(job.id)).status).toBe("cancelled")
           const workers = yield* call(base, "GET", "/api/v1/monitoring/workers")
           const w = (workers.body.workers as Array<Edge.MonitoredWorker>).find(
             (x) => x.worker_id === "w-n-dereg"

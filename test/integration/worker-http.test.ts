@@ -2,7 +2,6 @@ import { describe, expect, it, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { ConfigProvider, Context, Effect, Exit, Layer, Option, Redacted, Scope } from "effect"
-import * as Crypto from "node:crypto"
 import * as Net from "node:net"
 import pg from "pg"
 import packageJson from "../../package.json" with { type: "json" }
@@ -12,15 +11,16 @@ import * as Db from "../fixtures/Db.ts"
 import {
   command,
   eventually,
+  key,
   startedOf,
   startGateway,
   startWorker,
+  statusIs,
+  statusOf,
   type WorkerNode
 } from "../fixtures/Jobs.ts"
 
 const secret = "s3cret-deploy-token"
-const key = () => Crypto.randomUUID()
-
 interface Answer {
   readonly status: number
   readonly headers: Headers
@@ -59,15 +59,6 @@ const registryStatus = (workerId: string) =>
     Effect.map(
       sql<{ status: string }>`SELECT status FROM gh_worker_registry WHERE worker_id = ${workerId}`,
       (rows) => rows[0]?.status
-    )
-  )
-
-const jobStatus = (jobId: string) =>
-  Effect.flatMap(SqlClient.SqlClient, (sql) =>
-    Effect.map(
-      sql<{ status: string; worker_id: string | null }>`
-        SELECT status, worker_id FROM gh_automation_jobs WHERE id = ${jobId}::uuid`,
-      (rows) => rows[0]!
     )
   )
 
@@ -244,7 +235,7 @@ describe("worker node HTTP", () => {
           Effect.map(call(`${base}/worker/health`), (a) => (a.body.status === "idle" ? a : undefined))
         )
         expect(after.body).toEqual({ status: "idle", active_jobs: 0, deploy_safe: true })
-        expect((yield* jobStatus(job.id)).status).toBe("completed")
+        expect((yield* statusOf(job.id)).status).toBe("completed")
       })
     )
 
@@ -341,8 +332,8 @@ describe("worker node HTTP", () => {
             Effect.map(call(`${base}/worker/health`), (a) => (a.body.active_jobs === 0 ? a : undefined))
           )
           expect(empty.body).toEqual({ status: "draining", active_jobs: 0, deploy_safe: true })
-          expect((yield* jobStatus(first.id)).status).toBe("completed")
-          expect((yield* jobStatus(second.id)).status).toBe("queued")
+          expect((yield* statusOf(first.id)).status).toBe("completed")
+          expect((yield* statusOf(second.id)).status).toBe("queued")
           expect(w.worker.stats().claimed).toBe(claimedBefore)
 
           // Draining again answers the same; no body is fine.
@@ -353,9 +344,7 @@ describe("worker node HTTP", () => {
           yield* startWorker("d4")
           expect((yield* startedOf(k2)).workerId).toBe("w-d4")
           yield* command(k2, { _tag: "complete" })
-          const done = yield* eventually(
-            Effect.map(jobStatus(second.id), (r) => (r.status === "completed" ? r : undefined))
-          )
+          const done = yield* statusIs(second.id, "completed")
           expect(done.worker_id).toBe("w-d4")
           expect(w.worker.stats().claimed).toBe(claimedBefore)
         })
