@@ -23,7 +23,6 @@
 
 import { spawn } from "node:child_process"
 import * as Crypto from "node:crypto"
-import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { monitorEventLoopDelay } from "node:perf_hooks"
@@ -55,11 +54,13 @@ import {
   int,
   machine,
   ms,
+  processCpuSeconds,
   progress,
   round,
   type Summary,
   sleep,
   summarize,
+  summaryMs,
   table,
   writeResult
 } from "./internal/stats.ts"
@@ -132,37 +133,11 @@ const parseArgs = (args: ReadonlyArray<string>) => {
 
 const Seq = Schema.Struct({ seq: Schema.Number })
 
-/** Values by key (`<job id>:<event type>` here), awaited before or after they arrive. */
-class Waits<T> {
-  private readonly waiting = new Map<string, (value: T) => void>()
-  private readonly early = new Map<string, T>()
-
-  arrive(key: string, value: T) {
-    const w = this.waiting.get(key)
-    if (w) {
-      this.waiting.delete(key)
-      w(value)
-    } else this.early.set(key, value)
-  }
-
-  wait(key: string, timeoutMs = 10_000): Promise<T> {
-    const e = this.early.get(key)
-    if (e !== undefined) {
-      this.early.delete(key)
-      return Promise.resolve(e)
-    }
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiting.delete(key)
-        reject(new Error(`${key} did not arrive within ${timeoutMs} ms`))
-      }, timeoutMs)
-      this.waiting.set(key, (x) => {
-        clearTimeout(timer)
-        resolve(x)
-      })
-    })
-  }
-}
+/** An arrival within 10 s, or a failure naming what never came. */
+const arrived = <V>(arrivals: Arrivals<string, V>, key: string): Promise<V> =>
+  arrivals
+    .wait(key, 10_000)
+    .then((v) => (v === undefined ? Promise.reject(new Error(`${key} did not arrive within 10000 ms`)) : v))
 
 /** Round trips of one request kind, one at a time, `gapMs` apart; warm-up dropped. */
 const loop = async (
@@ -233,12 +208,12 @@ const measure = (
     /** CPU meter of the phases: the worker child's share comes out of "others". */
     const meter = () => {
       const stop = cpuMeter(db.serverPid)
-      const worker0 = cpuSecondsOf(workerPid)
+      const worker0 = processCpuSeconds(workerPid)
       const t0 = performance.now()
       return () => {
         const use = stop()
         const workerPct = round(
-          ((cpuSecondsOf(workerPid) - worker0) / ((performance.now() - t0) / 1000)) * 100,
+          ((processCpuSeconds(workerPid) - worker0) / ((performance.now() - t0) / 1000)) * 100,
           1
         )
         return workerPid === undefined
@@ -289,13 +264,13 @@ const measure = (
 
         // --- Cancel ---
         progress(`cancel: ${size.cancel.warmup} warm-up + ${int(size.cancel.samples)} samples`)
-        const waits = new Waits<{ frame: Frame; at: number }>()
+        const waits = new Arrivals<string, { frame: Frame; at: number }>()
         client.onEvent = (frame, at) =>
           waits.arrive(`${String(frame.job_id)}:${String(frame.event_type)}`, { frame, at })
         ok(await client.request({ type: "subscribe", worker_id: workerId }), "subscribe")
         // The same events as the gateway's event stream hands them to its subscribers, in
         // this process: where the time between the worker and the socket goes.
-        const tailed = new Waits<number>()
+        const tailed = new Arrivals<string, number>()
         const tap = await Effect.runPromise(
           events.subscribe(
             { worker_id: workerId },
@@ -324,12 +299,12 @@ const measure = (
           )
           const jobId = String(job.id)
           if ((await started) === undefined) throw new Error(`cancel: job ${seq} never started on the worker`)
-          await waits.wait(`${jobId}:job_started`)
-          await tailed.wait(`${jobId}:job_started`)
+          await arrived(waits, `${jobId}:job_started`)
+          await arrived(tailed, `${jobId}:job_started`)
           // The job runs and the stream is quiet: now cancel, as a client would later on.
           await sleep(gapMs)
-          const cancelled = waits.wait(`${jobId}:job_cancelled`)
-          const inStream = tailed.wait(`${jobId}:job_cancelled`)
+          const cancelled = arrived(waits, `${jobId}:job_cancelled`)
+          const inStream = arrived(tailed, `${jobId}:job_cancelled`)
           const stopped = interrupted.wait(seq, 10_000)
           notifiedAt = []
           const reads = events.stats().reads
@@ -432,19 +407,6 @@ const measure = (
     Effect.scoped,
     Effect.provide(Db.clientLayer(db.url, { applicationName: "bench-edge-gw", maxConnections: 16 }))
   )
-
-/** User + system CPU seconds of a live process (Linux /proc; NaN elsewhere or without a pid). */
-const cpuSecondsOf = (pid: number | undefined): number => {
-  if (pid === undefined) return Number.NaN
-  try {
-    const text = Fs.readFileSync(`/proc/${pid}/stat`, "utf8")
-    const fields = text.slice(text.lastIndexOf(")") + 2).split(" ")
-    // fields[0] is field 3 (state); utime is field 14, stime 15.
-    return (Number(fields[11]) + Number(fields[12])) / 100
-  } catch {
-    return Number.NaN
-  }
-}
 
 /** The worker node in this process (`--worker-in-process`): its own pool and LISTEN connection, this event loop. */
 const inProcessWorker = (url: string, entered: Arrivals, interrupted: Arrivals) =>
@@ -578,101 +540,43 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       m.fanout.connections === m.fanout.subscribers
         ? `${int(m.fanout.subscribers)} sockets`
         : `${int(m.fanout.subscribers)} subs / ${int(m.fanout.connections)} sockets`
+    /** A table row: the summary's p50, p99 and max, and the target it is held to, if any. */
+    const row = (label: string, s: Summary, target?: { readonly text: string; readonly pass: boolean }) => [
+      label,
+      ms(s.p50),
+      ms(s.p99),
+      ms(s.max),
+      target?.text ?? "",
+      target === undefined ? "" : mark(target.pass)
+    ]
+    const raw = m.fanout.raw
     const rows: Array<Array<string>> = [
       ["measurement", "p50", "p99", "max", "target", ""],
-      ["ping → pong (socket round trip)", ms(m.ping.p50), ms(m.ping.p99), ms(m.ping.max), "", ""],
-      [
-        "job.submit → reply",
-        ms(m.submit.p50),
-        ms(m.submit.p99),
-        ms(m.submit.max),
-        `p50 ≤ ${targets.ws_submit_p50_ms} ms`,
-        mark(verdicts.ws_submit_p50_ms.pass)
-      ],
-      [
-        "  jobs.submit on the node, no socket",
-        ms(m.submitDirect.p50),
-        ms(m.submitDirect.p99),
-        ms(m.submitDirect.max),
-        "",
-        ""
-      ],
-      [
-        "job.cancel → job_cancelled event",
-        ms(m.cancel.p50),
-        ms(m.cancel.p99),
-        ms(m.cancel.max),
-        `p99 ≤ ${targets.ws_cancel_p99_ms} ms`,
-        mark(verdicts.ws_cancel_p99_ms.pass)
-      ],
-      [
-        "  job.cancel → handler interrupted",
-        ms(m.cancelInterrupt.p50),
-        ms(m.cancelInterrupt.p99),
-        ms(m.cancelInterrupt.max),
-        "",
-        ""
-      ],
-      [
-        "  job.cancel → NOTIFY events:new at a listener",
-        ms(m.cancelNotify.p50),
-        ms(m.cancelNotify.p99),
-        ms(m.cancelNotify.max),
-        "",
-        ""
-      ],
-      [
-        "  job.cancel → event out of the gateway's stream",
-        ms(m.cancelTail.p50),
-        ms(m.cancelTail.p99),
-        ms(m.cancelTail.max),
-        "",
-        ""
-      ],
-      ["  job.cancel → reply", ms(m.cancelReply.p50), ms(m.cancelReply.p99), ms(m.cancelReply.max), "", ""],
-      [
-        `fan-out, commit → receipt (${sockets})`,
-        ms(m.fanout.latency.p50),
-        ms(m.fanout.latency.p99),
-        ms(m.fanout.latency.max),
-        `p99 ≤ ${targets.fanout_p99_ms} ms`,
-        mark(verdicts.fanout_p99_ms.pass)
-      ],
-      [
-        "  first subscriber per event",
-        ms(m.fanout.first_delivery.p50),
-        ms(m.fanout.first_delivery.p99),
-        ms(m.fanout.first_delivery.max),
-        "",
-        ""
-      ],
-      [
-        "  last subscriber per event",
-        ms(m.fanout.last_delivery.p50),
-        ms(m.fanout.last_delivery.p99),
-        ms(m.fanout.last_delivery.max),
-        "",
-        ""
-      ],
-      ...(m.fanout.raw === undefined
+      row("ping → pong (socket round trip)", m.ping),
+      row("job.submit → reply", m.submit, {
+        text: `p50 ≤ ${targets.ws_submit_p50_ms} ms`,
+        pass: verdicts.ws_submit_p50_ms.pass
+      }),
+      row("  jobs.submit on the node, no socket", m.submitDirect),
+      row("job.cancel → job_cancelled event", m.cancel, {
+        text: `p99 ≤ ${targets.ws_cancel_p99_ms} ms`,
+        pass: verdicts.ws_cancel_p99_ms.pass
+      }),
+      row("  job.cancel → handler interrupted", m.cancelInterrupt),
+      row("  job.cancel → NOTIFY events:new at a listener", m.cancelNotify),
+      row("  job.cancel → event out of the gateway's stream", m.cancelTail),
+      row("  job.cancel → reply", m.cancelReply),
+      row(`fan-out, commit → receipt (${sockets})`, m.fanout.latency, {
+        text: `p99 ≤ ${targets.fanout_p99_ms} ms`,
+        pass: verdicts.fanout_p99_ms.pass
+      }),
+      row("  first subscriber per event", m.fanout.first_delivery),
+      row("  last subscriber per event", m.fanout.last_delivery),
+      ...(raw === undefined
         ? []
         : [
-            [
-              `bare ws broadcast, trigger → receipt (${int(m.fanout.raw.connections)} sockets)`,
-              ms(m.fanout.raw.latency.p50),
-              ms(m.fanout.raw.latency.p99),
-              ms(m.fanout.raw.latency.max),
-              "",
-              ""
-            ],
-            [
-              "  last socket per event",
-              ms(m.fanout.raw.last_delivery.p50),
-              ms(m.fanout.raw.last_delivery.p99),
-              ms(m.fanout.raw.last_delivery.max),
-              "",
-              ""
-            ]
+            row(`bare ws broadcast, trigger → receipt (${int(raw.connections)} sockets)`, raw.latency),
+            row("  last socket per event", raw.last_delivery)
           ])
     ]
     // The machine's CPU less the gateway process, Postgres and (in a child) the fan-out clients.
@@ -693,15 +597,6 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       `CPU, other processes (% of a core): submit ${m.submitCpu.others_pct_of_core}, cancel ${m.cancelCpu.others_pct_of_core}, fan-out ${othersFanout}`
     )
 
-    const summary = (s: Summary) => ({
-      count: s.count,
-      mean_ms: r3(s.mean),
-      p50_ms: r3(s.p50),
-      p90_ms: r3(s.p90),
-      p99_ms: r3(s.p99),
-      p999_ms: r3(s.p999),
-      max_ms: r3(s.max)
-    })
     const deliveries = (d: Deliveries) => ({
       subscribers: d.subscribers,
       connections: d.connections,
@@ -711,11 +606,11 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       missing: d.missing,
       duplicates: d.duplicates,
       frame_bytes: d.frame_bytes,
-      latency: summary(d.latency),
-      latency_from_send: summary(d.latency_from_send),
-      first_delivery: summary(d.first_delivery),
-      last_delivery: summary(d.last_delivery),
-      writer_step: summary(d.insert),
+      latency: summaryMs(d.latency),
+      latency_from_send: summaryMs(d.latency_from_send),
+      first_delivery: summaryMs(d.first_delivery),
+      last_delivery: summaryMs(d.last_delivery),
+      writer_step: summaryMs(d.insert),
       connect_s: round(d.connect_s, 2),
       subscribe_s: round(d.subscribe_s, 2),
       write_window_s: round(d.write_window_s, 2),
@@ -763,15 +658,15 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
           "subscribers subscriptions to all over connections sockets; a plain pg client in the clients' process INSERTs (autocommit) one gh_job_events row at a time at fanout.ratePerSecond; latency = receipt at a subscriber − the moment the INSERT returned; over every (subscriber, measured event) delivery; fanout_bare_ws: the same clients against a bare ws server in the gateway's process that, on a trigger frame from one socket, sends an event-shaped frame to every socket (latency from the trigger's send): the floor of sending to that many sockets on this machine"
       },
       details: {
-        ping: summary(m.ping),
-        submit: { ...summary(m.submit), cpu: m.submitCpu },
-        submit_direct: summary(m.submitDirect),
-        cancel_event: { ...summary(m.cancel), cpu: m.cancelCpu, wrong_worker_id: m.cancelWrongWorker },
-        cancel_interrupt: summary(m.cancelInterrupt),
-        cancel_notify: summary(m.cancelNotify),
-        cancel_stream: summary(m.cancelTail),
+        ping: summaryMs(m.ping),
+        submit: { ...summaryMs(m.submit), cpu: m.submitCpu },
+        submit_direct: summaryMs(m.submitDirect),
+        cancel_event: { ...summaryMs(m.cancel), cpu: m.cancelCpu, wrong_worker_id: m.cancelWrongWorker },
+        cancel_interrupt: summaryMs(m.cancelInterrupt),
+        cancel_notify: summaryMs(m.cancelNotify),
+        cancel_stream: summaryMs(m.cancelTail),
         cancel_stream_reads: { p50: m.cancelReads.p50, p99: m.cancelReads.p99, max: m.cancelReads.max },
-        cancel_reply: summary(m.cancelReply),
+        cancel_reply: summaryMs(m.cancelReply),
         fanout: {
           ...deliveries(m.fanout),
           cpu: { ...m.fanoutCpu, others_pct_of_core_without_clients: othersFanout },

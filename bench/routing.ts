@@ -43,7 +43,8 @@ import {
   sleep,
   summarize,
   table,
-  writeResult
+  writeResult,
+  summaryMs
 } from "./internal/stats.ts"
 
 // --- Settings ---
@@ -848,15 +849,6 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
     )
 
     const r3 = (x: number) => round(x, 3)
-    const sum = (s: Summary) => ({
-      count: s.count,
-      mean_ms: r3(s.mean),
-      p50_ms: r3(s.p50),
-      p90_ms: r3(s.p90),
-      p99_ms: r3(s.p99),
-      p999_ms: r3(s.p999),
-      max_ms: r3(s.max)
-    })
     const result = {
       benchmark: "routing",
       date: startedAt.toISOString(),
@@ -906,10 +898,10 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
         ).map(([k, r]) => [
           k,
           {
-            ...sum(r.summary),
+            ...summaryMs(r.summary),
             offered_rate_per_s: r.offered_rate_per_s,
             achieved_send_rate_per_s: round(r.achieved_send_rate_per_s, 1),
-            schedule_lag: sum(r.schedule_lag),
+            schedule_lag: summaryMs(r.schedule_lag),
             max_burst: r.max_burst,
             trend_per_second: r.trend_per_second,
             statements: r.statements,
@@ -938,7 +930,7 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
             commit_rate_per_s: Math.round(r.commit_rate_per_s),
             avg_rows_per_write: round(r.avg_rows_per_write, 1),
             avg_rows_per_claim: round(r.avg_rows_per_claim, 1),
-            latency: sum(r.latency),
+            latency: summaryMs(r.latency),
             connections_note:
               "sending node: one writer fiber, one pool connection at a time for inserts; receiving node: claim loop and ack fiber on its pool, plus one LISTEN connection"
           }
@@ -946,7 +938,7 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       ),
       raw_notify: {
         ping_pong: {
-          ...sum(rtt),
+          ...summaryMs(rtt),
           note: "X LISTENs pong, Y LISTENs ping; X notifies ping, Y answers on pong; 2 connections"
         },
         one_way: oneWays.map((r) => ({

@@ -321,13 +321,13 @@ export const measureGraphile = async (
 
 // --- Harness (shared with troupe's section) ---
 
-/** Handler entries by sequence number, awaited by the pickup loop. */
-export class Arrivals {
-  private readonly waiting = new Map<number, (at: number) => void>()
-  private readonly early = new Map<number, number>()
+/** Values by key (handler entries by sequence number for the pickup loop), awaited before or after they arrive. */
+export class Arrivals<K = number, V = number> {
+  private readonly waiting = new Map<K, (at: V) => void>()
+  private readonly early = new Map<K, V>()
 
   /** Called by a handler on entry. */
-  arrive(seq: number, at: number): void {
+  arrive(seq: K, at: V): void {
     const w = this.waiting.get(seq)
     if (w) {
       this.waiting.delete(seq)
@@ -336,7 +336,7 @@ export class Arrivals {
   }
 
   /** The handler entry time of job `seq`, or `undefined` after `timeoutMs`. */
-  wait(seq: number, timeoutMs: number): Promise<number | undefined> {
+  wait(seq: K, timeoutMs: number): Promise<V | undefined> {
     const at = this.early.get(seq)
     if (at !== undefined) {
       this.early.delete(seq)

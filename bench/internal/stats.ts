@@ -46,6 +46,17 @@ export const summarize = (samples: ArrayLike<number>): Summary => {
 }
 
 /** Round for reports. */
+/** A latency summary as the benchmarks' JSON writes it (milliseconds, 3 decimals). */
+export const summaryMs = (s: Summary) => ({
+  count: s.count,
+  mean_ms: round(s.mean, 3),
+  p50_ms: round(s.p50, 3),
+  p90_ms: round(s.p90, 3),
+  p99_ms: round(s.p99, 3),
+  p999_ms: round(s.p999, 3),
+  max_ms: round(s.max, 3)
+})
+
 export const round = (x: number, digits = 3): number => {
   if (!Number.isFinite(x)) return x
   const f = 10 ** digits
@@ -118,6 +129,12 @@ const readStat = (pid: string): { ppid: number; ticks: number; childTicks: numbe
   } catch {
     return undefined
   }
+}
+
+/** User + system CPU seconds of a live process (NaN without a pid or without /proc). */
+export const processCpuSeconds = (pid: number | undefined): number => {
+  const stat = pid === undefined ? undefined : readStat(String(pid))
+  return stat === undefined ? Number.NaN : stat.ticks / clockTicks
 }
 
 /**
