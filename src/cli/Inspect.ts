@@ -9,6 +9,7 @@ import { PgClient } from "@effect/sql-pg"
 import { Config, Console, Data, Duration, Effect, Layer, Option, Redacted, Schema, Stream } from "effect"
 import * as Crypto from "node:crypto"
 import pg from "pg"
+import { EventId } from "../protocol/Edge.ts"
 import { ActorId } from "../protocol/Ids.ts"
 import type * as Client from "../client/Client.ts"
 import { isTerminal, type Job, JobStatus } from "../protocol/Jobs.ts"
@@ -292,10 +293,7 @@ const sendCommand = Command.make(
           message: `"${id}" is not an actor id: expected <kind>:<key>, e.g. probe:local`
         })
       }
-      const body = yield* Effect.try({
-        try: () => JSON.parse(message) as unknown,
-        catch: (e) => new InspectError({ message: `the message is not valid JSON: ${(e as Error).message}` })
-      })
+      const body = yield* parseJson("the message", message)
       if (ask) {
         const nodeId = `cli-${process.pid}-${Crypto.randomBytes(3).toString("hex")}`
         const sql = yield* SqlClient.SqlClient
@@ -687,22 +685,15 @@ const gateway = Options.text("gateway").pipe(
   Options.withFallbackConfig(Config.string("TROUPE_GATEWAY_URL"))
 )
 
-/** Decode a JSON option, or say which option is not JSON. */
-const jsonOption = (name: string, text: string) =>
-  Schema.decodeUnknown(Schema.parseJson())(text).pipe(
-    Effect.mapError(
-      (e) =>
-        new InspectError({
-          message: `--${name} is not valid JSON: ${e.message
-            .split("\n")
-            .at(-1)
-            ?.replace(/^[\s└─]+/, "")}`
-        })
-    )
-  )
+/** Parse JSON the user typed, or say which input (`what`) is not JSON and why. */
+const parseJson = (what: string, text: string) =>
+  Effect.try({
+    try: () => JSON.parse(text) as unknown,
+    catch: (e) => new InspectError({ message: `${what} is not valid JSON: ${(e as Error).message}` })
+  })
 
 const eventId = (name: string, value: string) =>
-  /^[0-9]{1,19}$/.test(value)
+  Schema.is(EventId)(value)
     ? Effect.succeed(value)
     : Effect.fail(
         new InspectError({
@@ -824,7 +815,7 @@ const submitCommand = Command.make(
   },
   (o) =>
     Effect.gen(function* () {
-      const payload = Option.isSome(o.payload) ? yield* jsonOption("payload", o.payload.value) : undefined
+      const payload = Option.isSome(o.payload) ? yield* parseJson("--payload", o.payload.value) : undefined
       const link = yield* Gateway.connect(o.gateway)
       const { client, explain } = link
       const job = yield* client
@@ -858,17 +849,22 @@ const submitCommand = Command.make(
           Effect.retry({ times: 5, while: (e) => e.code === "DISCONNECTED" || e.code === "TIMEOUT" }),
           Effect.mapError(explain)
         )
+      // The read that found the job ended is the one printed.
+      let ended: Job | undefined
       yield* client.subscribe({ job_id: job.id }, { sinceEventId: "0" }).pipe(
         Stream.mapError(explain),
         Stream.runForEachWhile((e) =>
           Effect.gen(function* () {
             yield* show(Gateway.eventLine(e))
             if (!Gateway.endingEvents.has(e.event_type)) return true
-            return !isTerminal((yield* read).status)
+            const now = yield* read
+            if (!isTerminal(now.status)) return true
+            ended = now
+            return false
           })
         )
       )
-      const final = yield* read
+      const final = ended ?? (yield* read)
       yield* print(o.json, final, () => jobSummary(final))
       if (final.status !== "completed") {
         return yield* new InspectError({
@@ -914,7 +910,7 @@ const resumeCommand = Command.make(
   },
   (o) =>
     Effect.gen(function* () {
-      const data = Option.isSome(o.data) ? yield* jsonOption("data", o.data.value) : undefined
+      const data = Option.isSome(o.data) ? yield* parseJson("--data", o.data.value) : undefined
       const { client, explain } = yield* Gateway.connect(o.gateway)
       const state = yield* client
         .resume(o.id, { resolved_by: o.by, ...(data === undefined ? {} : { resolution_data: data }) })

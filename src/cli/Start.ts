@@ -8,7 +8,7 @@ import * as Path from "node:path"
 import { builtinHandlers } from "../actors/BuiltinHandlers.ts"
 import { Probe } from "../actors/Probe.ts"
 import * as CallbackDispatcher from "../runtime/CallbackDispatcher.ts"
-import { DeploymentConfig, NodeConfig, PricesConfig, WorkerConfig } from "../runtime/Config.ts"
+import { NodeConfig, PricesConfig, WorkerConfig } from "../runtime/Config.ts"
 import * as Database from "../runtime/Database.ts"
 import * as EventStream from "../runtime/EventStream.ts"
 import * as Gateway from "../runtime/Gateway.ts"
@@ -43,7 +43,7 @@ export const run = Effect.gen(function* () {
       port: edge.port,
       host: edge.host,
       secret,
-      ...(yield* DeploymentConfig)
+      ...edge.deployment
     })
     const base = `${edge.host === "0.0.0.0" ? "127.0.0.1" : edge.host}:${gateway.port}`
     parts.push(

@@ -268,7 +268,8 @@ export const make = (options: Options): Effect.Effect<TroupeClient, never, Scope
     const notConnected = (what: string) =>
       new TroupeClientError({
         code: "DISCONNECTED",
-        message: `not connected to the gateway at ${url} within ${Duration.format(timeout)}, so ${what} was not sent${lastProblem === undefined ? "" : ` (last problem: ${lastProblem})`}; check that the gateway runs and is reachable`
+        message: `not connected to the gateway at ${url} within ${Duration.format(timeout)}, so ${what} was not sent${lastProblem === undefined ? "" : ` (last problem: ${lastProblem})`}; check that the gateway runs and is reachable`,
+        details: { last_problem: lastProblem ?? null }
       })
 
     // --- Subscriptions ---
@@ -567,7 +568,8 @@ export const make = (options: Options): Effect.Effect<TroupeClient, never, Scope
           return stop(
             new TroupeClientError({
               code: "DISCONNECTED",
-              message: `gave up reconnecting to the gateway at ${url}${lastProblem === undefined ? "" : ` (last problem: ${lastProblem})`}`
+              message: `gave up reconnecting to the gateway at ${url}${lastProblem === undefined ? "" : ` (last problem: ${lastProblem})`}`,
+              details: { last_problem: lastProblem ?? null }
             })
           )
         }
@@ -695,18 +697,13 @@ const textOf = (data: unknown): string | undefined =>
       ? new TextDecoder().decode(new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
       : undefined
 
-const recordOf = (e: Edge.Event): Edge.EventRecord => ({
-  event_id: e.event_id,
-  source: e.source,
-  job_id: e.job_id,
-  worker_id: e.worker_id,
-  valet_task_id: e.valet_task_id,
-  event_type: e.event_type,
-  message: e.message,
-  actor: e.actor,
-  metadata: e.metadata,
-  created_at: e.created_at
-})
+/** The stored event a frame carries: the frame without its envelope. */
+const recordOf = ({
+  v: _v,
+  type: _type,
+  subscription: _subscription,
+  ...record
+}: Edge.Event): Edge.EventRecord => record
 
 /** `ws://h:p/v1/ws` as is; `ws://h:p` and `http(s)://h:p` get `/v1/ws` (and `ws(s):`). */
 const socketUrl = (input: string): string => {

@@ -51,7 +51,7 @@ const V = Schema.Literal(version)
 const RequestId = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200))
 const Uuid = Schema.String.pipe(Schema.maxLength(200))
 /** An event id; `"0"` (in `since_event_id`) is the start of the stream. */
-const EventId = Schema.String.pipe(Schema.pattern(/^[0-9]{1,19}$/))
+export const EventId = Schema.String.pipe(Schema.pattern(/^[0-9]{1,19}$/))
 const Name = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200))
 
 const request = <Type extends string, Fields extends Schema.Struct.Fields>(type: Type, fields: Fields) =>

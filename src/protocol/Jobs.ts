@@ -22,11 +22,11 @@ export type JobStatus = typeof JobStatus.Type
 /** The states a job never leaves. */
 export const terminalStatuses: ReadonlyArray<JobStatus> = ["completed", "failed", "cancelled"]
 
-/** True when a job in this status is finished for good. */
 /** Whether a string is a job id (a uuid, any case). */
 export const isJobId = (id: string): boolean =>
   /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(id)
 
+/** True when a job in this status is finished for good. */
 export const isTerminal = (status: string): boolean => terminalStatuses.includes(status as JobStatus)
 
 const Id = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200))

@@ -3,6 +3,7 @@
  */
 import { Config } from "effect"
 import * as Os from "node:os"
+import * as Path from "node:path"
 
 /** The default node id: the host name, made safe for a NOTIFY channel name. */
 export const defaultNodeId = (): string =>
@@ -11,6 +12,12 @@ export const defaultNodeId = (): string =>
       .replace(/[^A-Za-z0-9._-]/g, "-")
       .slice(0, 40) || "node"
   ).toLowerCase()
+
+/** `TROUPE_DATA_DIR`: where the embedded Postgres and the generated service secret live (default `.troupe`). */
+export const DataDirConfig = Config.string("TROUPE_DATA_DIR").pipe(Config.withDefault(".troupe"))
+
+/** Where a node without `GH_SERVICE_SECRET` keeps the secret it generated (the inspector reads it there). */
+export const secretFile = (dataDir: string): string => Path.join(dataDir, "service-secret")
 
 /** `TROUPE_NODE_ID`, `TROUPE_ROLE`, `TROUPE_DATA_DIR`, `TROUPE_HEARTBEAT_MS`. */
 export const NodeConfig = Config.all({
@@ -26,7 +33,7 @@ export const NodeConfig = Config.all({
     "gateway",
     "worker"
   )("TROUPE_ROLE").pipe(Config.withDefault("gateway+worker")),
-  dataDir: Config.string("TROUPE_DATA_DIR").pipe(Config.withDefault(".troupe")),
+  dataDir: DataDirConfig,
   heartbeatMs: Config.integer("TROUPE_HEARTBEAT_MS").pipe(Config.withDefault(5000))
 })
 

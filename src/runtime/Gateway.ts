@@ -22,11 +22,10 @@ import {
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Http from "node:http"
-import * as Path from "node:path"
 import type { Duplex } from "node:stream"
 import { type WebSocket, WebSocketServer } from "ws"
 import * as Edge from "../protocol/Edge.ts"
-import { listenHost, listenPort } from "./Config.ts"
+import { DeploymentConfig, listenHost, listenPort, secretFile } from "./Config.ts"
 import type * as EventStream from "./EventStream.ts"
 import type { JobService } from "./Jobs.ts"
 import * as Monitoring from "./Monitoring.ts"
@@ -67,11 +66,15 @@ export interface Gateway {
   readonly connections: () => number
 }
 
-/** `TROUPE_HTTP_PORT` (default 3100), `TROUPE_HTTP_HOST` (default 0.0.0.0), `GH_SERVICE_SECRET`. */
+/**
+ * `TROUPE_HTTP_PORT` (default 3100), `TROUPE_HTTP_HOST` (default 0.0.0.0), `GH_SERVICE_SECRET`,
+ * and the deployment `/health` reports (`DeploymentConfig`).
+ */
 export const GatewayConfig = Config.all({
   port: listenPort("TROUPE_HTTP_PORT", 3100),
   host: listenHost,
-  secret: Config.option(Config.redacted("GH_SERVICE_SECRET"))
+  secret: Config.option(Config.redacted("GH_SERVICE_SECRET")),
+  deployment: DeploymentConfig
 })
 
 /** Start a gateway on a node; it serves until the scope closes. */
@@ -157,7 +160,7 @@ export const make = (
 
 /**
  * The service secret: `GH_SERVICE_SECRET`, or else one generated once and kept in
- * `<dataDir>/service-secret` (mode 600), so a laptop needs no set-up. Never printed.
+ * `secretFile(dataDir)` (mode 600), so a laptop needs no set-up. Never printed.
  */
 export const resolveSecret = (
   fromEnv: Option.Option<Redacted.Redacted<string>>,
@@ -168,7 +171,7 @@ export const resolveSecret = (
     onNone: () =>
       Effect.try({
         try: () => {
-          const file = Path.join(dataDir, "service-secret")
+          const file = secretFile(dataDir)
           if (!Fs.existsSync(file)) {
             Fs.mkdirSync(dataDir, { recursive: true })
             Fs.writeFileSync(file, `${Crypto.randomBytes(32).toString("base64url")}\n`, {

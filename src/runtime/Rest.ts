@@ -31,7 +31,6 @@ import {
   Resolution,
   SubmitJob
 } from "../protocol/Jobs.ts"
-import { DeploymentConfig } from "./Config.ts"
 import type { EventStream } from "./EventStream.ts"
 import type { JobService } from "./Jobs.ts"
 import type { Monitoring } from "./Monitoring.ts"
@@ -49,9 +48,9 @@ export interface RestOptions {
   readonly openConnections: () => number
   /** Default: `version` of package.json. */
   readonly version?: string
-  /** Default: `COMMIT_SHA`, else `unknown`. */
+  /** Default `unknown` (a node reads `DeploymentConfig` once and passes it). */
   readonly commitSha?: string
-  /** Default: `TROUPE_ENV`, else `NODE_ENV`, else `development`. */
+  /** Default `development` (as `commitSha`). */
   readonly environment?: string
 }
 
@@ -132,7 +131,6 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
 
   const health = Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
-    const deployment = yield* Effect.orDie(DeploymentConfig)
     const apiHealthy = yield* sql`SELECT 1`.pipe(
       Effect.disconnect,
       Effect.timeout("2 seconds"),
@@ -143,8 +141,8 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
       status: apiHealthy ? "ok" : "degraded",
       service: serviceName,
       version: options.version ?? packageJson.version,
-      environment: options.environment ?? deployment.environment,
-      commit_sha: options.commitSha ?? deployment.commitSha,
+      environment: options.environment ?? "development",
+      commit_sha: options.commitSha ?? "unknown",
       api_healthy: apiHealthy,
       timestamp: new Date().toISOString()
     }

@@ -199,15 +199,8 @@ describe("REST compatibility routes, health and metrics", () => {
     it.scoped("GET /health: the Health shape, 200 ok on a live database, 503 degraded when it is gone", () =>
       Effect.gen(function* () {
         const { jobs, node } = yield* startGateway("gw-health")
-        const before = process.env.COMMIT_SHA
-        process.env.COMMIT_SHA = "0123abcd"
-        yield* Effect.addFinalizer(() =>
-          Effect.sync(() => {
-            if (before === undefined) delete process.env.COMMIT_SHA
-            else process.env.COMMIT_SHA = before
-          })
-        )
-        const base = yield* serve({ jobs, node, environment: "test" })
+        // What a node read from COMMIT_SHA and TROUPE_ENV (DeploymentConfig, test/unit/config.test.ts).
+        const base = yield* serve({ jobs, node, environment: "test", commitSha: "0123abcd" })
         const pkg = JSON.parse(Fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8"))
 
         // No secret needed.
@@ -233,7 +226,7 @@ describe("REST compatibility routes, health and metrics", () => {
         const context = yield* Layer.build(
           PgClient.layer({ url: Redacted.make(url), connectTimeout: "2 seconds" })
         )
-        const downBase = yield* serve({ jobs, node }).pipe(Effect.provide(context))
+        const downBase = yield* serve({ jobs, node, commitSha: "0123abcd" }).pipe(Effect.provide(context))
         const before2 = yield* call(downBase, "GET", "/health", { auth: null })
         expect([before2.status, before2.body.api_healthy]).toEqual([200, true])
         yield* Effect.promise(async () => {

@@ -5,9 +5,9 @@
  */
 import { Config, Console, Data, Effect, Option, Queue, Redacted, Schedule, type Scope } from "effect"
 import * as Fs from "node:fs"
-import * as Path from "node:path"
 import * as Client from "../../client/Client.ts"
 import type { EventRecord } from "../../protocol/Edge.ts"
+import { DataDirConfig, secretFile } from "../../runtime/Config.ts"
 
 /** Where `npm start` serves the socket on a laptop. */
 export const defaultUrl = "ws://127.0.0.1:3100/v1/ws"
@@ -28,8 +28,7 @@ export interface Secret {
 export const resolveSecret: Effect.Effect<Secret, GatewayError> = Effect.gen(function* () {
   const fromEnv = yield* Config.option(Config.redacted("GH_SERVICE_SECRET"))
   if (Option.isSome(fromEnv)) return { secret: fromEnv.value, source: "GH_SERVICE_SECRET" }
-  const dataDir = yield* Config.string("TROUPE_DATA_DIR").pipe(Config.withDefault(".troupe"))
-  const file = Path.join(dataDir, "service-secret")
+  const file = secretFile(yield* DataDirConfig)
   return yield* Effect.try({
     try: () => ({ secret: Redacted.make(Fs.readFileSync(file, "utf8").trim()), source: file }),
     catch: (e) =>
@@ -94,7 +93,7 @@ export const connect = (url: string): Effect.Effect<Link, GatewayError, Scope.Sc
       Effect.mapError((error) =>
         error.code === "DISCONNECTED"
           ? new GatewayError({
-              message: `cannot reach the gateway at ${url}${problemOf(error.message)}: start one with \`npm start\`, or point --gateway (or TROUPE_GATEWAY_URL) at a running one`
+              message: `cannot reach the gateway at ${url}${problemOf(error)}: start one with \`npm start\`, or point --gateway (or TROUPE_GATEWAY_URL) at a running one`
             })
           : explain(error)
       )
@@ -152,10 +151,10 @@ const isGatewayUrl = (url: string) => {
 const describeSource = (source: string) =>
   source === "GH_SERVICE_SECRET" ? "the environment (GH_SERVICE_SECRET)" : `the file ${source}`
 
-/** ` (connect ECONNREFUSED 127.0.0.1:3100)` from the client's "… (last problem: …)". */
-const problemOf = (message: string) => {
-  const m = /\(last problem: (.*)\)/.exec(message)
-  return m === null ? "" : ` (${m[1]})`
+/** ` (connect ECONNREFUSED 127.0.0.1:3100)`: the last problem the client met, if any. */
+const problemOf = (error: Client.TroupeClientError) => {
+  const last = (error.details as { readonly last_problem?: unknown } | undefined)?.last_problem
+  return typeof last === "string" ? ` (${last})` : ""
 }
 
 /** `14:03:21.452` of an ISO timestamp. */
