@@ -19,8 +19,8 @@
  */
 import { SqlClient } from "@effect/sql"
 import type { SqlError } from "@effect/sql/SqlError"
-import { Deferred, Duration, Effect, Exit, Queue, type Scope } from "effect"
-import type { EventRecord } from "../protocol/Edge.ts"
+import { Deferred, Duration, Effect, Exit, Queue, Schema, type Scope } from "effect"
+import { EventId, type EventRecord } from "../protocol/Edge.ts"
 import { PersistenceError } from "../protocol/Errors.ts"
 import { InvalidRequest, isJobId, NotFound } from "../protocol/Jobs.ts"
 import { describe, runHot } from "./Database.ts"
@@ -182,7 +182,7 @@ export const make = (
     const positionOf = (eventId: string) =>
       (eventId === "0"
         ? Effect.succeed([{ xid: "0", id: "0" }])
-        : /^[0-9]{1,19}$/.test(eventId) && BigInt(eventId) <= maxBigint
+        : Schema.is(EventId)(eventId) && BigInt(eventId) <= maxBigint
           ? sql<{ xid: string; id: string }>`
             SELECT xid::text AS xid, id::text AS id FROM gh_job_events WHERE id = ${eventId}::bigint
             UNION ALL SELECT xid::text, id::text FROM gh_worker_events WHERE id = ${eventId}::bigint

@@ -429,17 +429,14 @@ class Connection {
         )
       )
     }
-    const frame = (typeof json === "object" && json !== null && !Array.isArray(json) ? json : {}) as Record<
-      string,
-      unknown
-    >
-    const id = typeof frame.id === "string" && frame.id.length > 0 && frame.id.length <= 200 ? frame.id : null
     if (typeof json !== "object" || json === null || Array.isArray(json)) {
       return this.fail(
         null,
         new Failure("INVALID_FRAME", "invalid frame: not a JSON object; send one JSON object per text frame")
       )
     }
+    const frame = json as Record<string, unknown>
+    const id = typeof frame.id === "string" && frame.id.length > 0 && frame.id.length <= 200 ? frame.id : null
     const malformed = Rest.malformedValue(json)
     if (malformed !== undefined)
       return this.fail(id, new Failure("INVALID_FRAME", `invalid frame: ${malformed}`))
