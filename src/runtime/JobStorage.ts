@@ -304,16 +304,9 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       lim AS (SELECT ${free}::int + (SELECT count(*) FROM gone)::int AS n),
       active AS (SELECT 1 FROM gh_worker_registry WHERE worker_id = ${worker.workerId}::text AND status = 'active'),
       picked AS (
-        SELECT id FROM gh_automation_jobs
-        WHERE status = 'queued' AND run_at <= now()
-          AND (worker_affinity = 'any'
-               OR target_worker_id = ${worker.workerId}::text
-               OR target_worker_id = ${worker.targetWorkerId}::text
-               OR (worker_affinity = 'preferred' AND open_at <= now()))
-          AND EXISTS (SELECT 1 FROM active)
-        ORDER BY priority DESC, created_at, id
-        LIMIT (SELECT n FROM lim)
-        FOR UPDATE SKIP LOCKED
+        SELECT p.id FROM troupe_pick_jobs(${worker.workerId}::text, ${worker.targetWorkerId}::text,
+                                          (SELECT n FROM lim)) AS p(id)
+        WHERE EXISTS (SELECT 1 FROM active)
       ),
       claimed AS (
         UPDATE gh_automation_jobs j SET status = 'running', worker_id = ${worker.workerId}, node_id = ${worker.nodeId},
