@@ -40,14 +40,29 @@ export type Pushed =
       readonly fetch: true
     }
 
-/** Read a `jobs:<node>` payload: a handed job, or undefined for a wake-up. */
-export const parsePushed = (payload: string): Pushed | undefined => {
+/**
+ * What the NOTIFY on `jobs:<node>` carries when a cancel of a running job is requested
+ * (`cancelOrLocate`): the attempt to interrupt, and why.
+ */
+export interface CancelPush {
+  readonly cancel: true
+  readonly id: string
+  readonly worker_id: string
+  readonly attempts: number
+  readonly reason: string
+}
+
+/** Read a `jobs:<node>` payload: a handed job, a cancel, or undefined for a wake-up. */
+export const parsePushed = (payload: string): Pushed | CancelPush | undefined => {
   if (!payload.startsWith("{")) return undefined
   try {
-    const value = JSON.parse(payload) as Pushed
-    return typeof value.id === "string" &&
+    const value = JSON.parse(payload) as Pushed | CancelPush
+    const addressed =
+      typeof value.id === "string" &&
       typeof value.worker_id === "string" &&
       typeof value.attempts === "number"
+    if (!addressed) return undefined
+    return !("cancel" in value) || (value.cancel === true && typeof value.reason === "string")
       ? value
       : undefined
   } catch {
@@ -560,6 +575,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
     /**
      * A cancel request in one round trip: a queued job is cancelled in its row (with its event
      * and callback); otherwise the job's owner is returned, for the cancel to be routed there.
+     * A running job's owner node is also sent the cancel on `jobs:<node>` (`CancelPush`), so
+     * its worker interrupts the handler at once; the routed cancel that follows gets the answer.
      */
     const cancelOrLocate = (jobId: string, reason: string) =>
       sql<Owner & { cancelled: boolean }>`
@@ -572,14 +589,20 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ev AS (SELECT troupe_job_event(j.job, 'job_cancelled', ${`Cancelled while queued: ${reason}`}::text, NULL,
                                      jsonb_build_object('worker_id', NULL), true) AS id FROM j)
       SELECT true AS cancelled, 'cancelled' AS status, 0 AS attempts, NULL::text AS node_id, NULL::text AS worker_id,
-        false AS alive FROM ev
+        false AS alive, false AS pushed FROM ev
       UNION ALL
-      SELECT false, o.status, o.attempts, o.node_id, o.worker_id,
-        (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)})
-      FROM gh_automation_jobs o LEFT JOIN nodes n ON n.id = o.node_id
-      WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)`.withoutTransform.pipe(
-        Effect.map((rows) => rows[0])
-      )
+      SELECT false, l.status, l.attempts, l.node_id, l.worker_id, l.alive,
+        -- (a reason too long for a NOTIFY payload goes only with the routed cancel)
+        CASE WHEN l.alive AND l.status IN ('running', 'needs_human') AND octet_length(${reason}::text) <= 2000 THEN
+          pg_notify('jobs:' || l.node_id, jsonb_build_object('cancel', true, 'id', l.id, 'worker_id', l.worker_id,
+                                                             'attempts', l.attempts, 'reason', ${reason}::text)::text)
+        END IS NULL
+      FROM (
+        SELECT o.id, o.status, o.attempts, o.node_id, o.worker_id,
+          (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
+        FROM gh_automation_jobs o LEFT JOIN nodes n ON n.id = o.node_id
+        WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)
+      ) l`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
 
     /** Pause the attempt for a human: status, interaction, event and callback. */
     const needsHuman = (

@@ -17,6 +17,7 @@ import {
   Effect,
   Exit,
   Fiber,
+  FiberId,
   FiberSet,
   Option,
   Queue,
@@ -174,12 +175,31 @@ export const make = (
       seen.add(`${id}:${epoch}`)
       if (seen.size > seenLimit) seen.delete(seen.values().next().value!)
     }
+    // How attempts that ran here ended, newest last: a routed cancel that arrives after the
+    // pushed cancel already ended the run gets its answer from here.
+    const ended = new Map<string, JobActor.JobState>()
+    const remember = (jobId: string, final: JobActor.JobState) => {
+      ended.delete(jobId)
+      ended.set(jobId, final)
+      if (ended.size > seenLimit) ended.delete(ended.keys().next().value!)
+    }
     const onNodeJobs = (payload: string) => {
       const pushed = JobStorage.parsePushed(payload)
       if (pushed === undefined) return wake()
       if (pushed.worker_id !== workerId) return
+      if ("cancel" in pushed) return cancelNow(pushed)
       handed.unsafeOffer(pushed)
       signals.unsafeOffer(undefined)
+    }
+    /**
+     * A cancel pushed ahead of its routed request (`JobStorage.cancelOrLocate`): interrupt
+     * the attempt now, as `cancel` would; the routed request that follows gets the answer.
+     */
+    const cancelNow = (push: JobStorage.CancelPush) => {
+      const run = runs.get(push.id)
+      if (run === undefined || run.epoch !== push.attempts || run.fiber === undefined) return
+      if (run.stop === undefined) run.stop = { _tag: "Cancel", reason: push.reason }
+      run.fiber.unsafeInterruptAsFork(FiberId.none)
     }
 
     // --- Ending attempts, batched ---
@@ -498,6 +518,7 @@ export const make = (
             wake()
             yield* disarm(run)
             const final = yield* conclude(run, exit)
+            remember(run.id, final)
             yield* Deferred.succeed(run.outcome, final)
           })
         ).pipe(
@@ -672,6 +693,9 @@ export const make = (
     const cancel = (jobId: string, reason: string): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
       Effect.gen(function* () {
         const run = runs.get(jobId)
+        // Its pushed cancel (or another cancel) got here first and the run has ended.
+        const done = ended.get(jobId)
+        if (run === undefined && done?.status === "cancelled") return done
         if (run === undefined || run.fiber === undefined) return yield* cancelOrphan(jobId, reason)
         if (run.stop === undefined) run.stop = { _tag: "Cancel", reason }
         yield* Fiber.interrupt(run.fiber)

@@ -282,6 +282,58 @@ describe("jobs and workers", () => {
         })
     )
 
+    it.scoped(
+      "the cancel is pushed to the owning node with the lookup: that push alone stops the handler, a stale attempt's push does nothing",
+      () =>
+        Effect.gen(function* () {
+          const { jobs } = yield* startGateway("gw4p")
+          yield* startWorker("n4p", { maxConcurrent: 2 })
+          const sql = yield* SqlClient.SqlClient
+          const push = (jobId: string, attempts: number, reason: string) =>
+            sql`SELECT pg_notify('jobs:n4p', ${JSON.stringify({ cancel: true, id: jobId, worker_id: "w-n4p", attempts, reason })})`
+          // A push naming another attempt of the job is not this run's: the handler goes on.
+          const k1 = key()
+          const stale = yield* jobs.submit({ job_type: "ctl", payload: { key: k1 } })
+          yield* startedOf(k1)
+          yield* push(stale.id, 7, "stale")
+          // The push for the live attempt below is sent after this one on the same channel, so
+          // when it has been acted on, so has this.
+          const k2 = key()
+          const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k2 } })
+          yield* startedOf(k2)
+          yield* push(job.id, 1, "pushed stop")
+          yield* Deferred.await(slot(k2).interrupted)
+          yield* statusIs(job.id, "cancelled")
+          expect(yield* statusOf(job.id)).toMatchObject({ worker_id: "w-n4p", error_code: "CANCELLED" })
+          const ended = (yield* eventsOf(job.id)).filter((e) => e.event_type === "job_cancelled")
+          expect(ended.map((e) => e.metadata)).toMatchObject([{ worker_id: "w-n4p", reason: "pushed stop" }])
+          expect(yield* Deferred.isDone(slot(k1).interrupted)).toBe(false)
+          expect((yield* statusOf(stale.id)).status).toBe("running")
+          // The gateway's cancel sends that push with its lookup, and still answers with the end.
+          const listener = yield* Db.rawClient
+          yield* Effect.promise(() => listener.query(`LISTEN "jobs:n4p"`))
+          const heard: Array<string> = []
+          listener.on("notification", (n) => heard.push(n.payload ?? ""))
+          const state = yield* jobs.cancel(stale.id, "user pressed stop")
+          expect(state).toMatchObject({
+            job_id: stale.id,
+            status: "cancelled",
+            worker_id: "w-n4p",
+            node_id: "n4p"
+          })
+          yield* Deferred.await(slot(k1).interrupted)
+          expect(heard.map((h) => JSON.parse(h))).toContainEqual({
+            cancel: true,
+            id: stale.id,
+            worker_id: "w-n4p",
+            attempts: 1,
+            reason: "user pressed stop"
+          })
+          const events = yield* eventsOf(stale.id)
+          expect(events.filter((e) => e.event_type === "job_cancelled")).toHaveLength(1)
+        })
+    )
+
     it.scoped("a queued job is cancelled in its row without any worker", () =>
       Effect.gen(function* () {
         const { jobs } = yield* startGateway("gw5")

@@ -842,10 +842,12 @@ describe("REST compatibility routes, health and metrics", () => {
           const second = yield* scrape
           expect(series(second.samples, "troupe_websocket_connections")[0]!.value).toBe(3)
 
-          // Routing latency: a cancel is an ask from this gateway's node to the worker's.
-          const before = histogramOf(second.samples, "troupe_routing_latency_seconds")
+          // Routing latency: a drain is an ask from this gateway's node to the worker's. (A cancel
+          // may end the run by its push before its ask is routed, so it is not always one.)
           const cancelled = yield* call(base, "POST", `/api/v1/jobs/${job.id}/cancel`)
           expect(cancelled.body.status).toBe("cancelled")
+          const before = histogramOf((yield* scrape).samples, "troupe_routing_latency_seconds")
+          expect((yield* jobs.drain("w-n-metrics")).status).toBe("draining")
           const after = histogramOf((yield* scrape).samples, "troupe_routing_latency_seconds")
           for (const h of [before, after]) {
             expect(h.buckets.map((b) => b.le)).toEqual([
