@@ -409,7 +409,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         sql<Claimed>`
       SELECT ${claimedColumns} FROM gh_automation_jobs j
       WHERE j.id = ${jobId}::uuid AND j.attempts = ${attempts}::int AND j.worker_id = ${worker.workerId}::text
-        AND j.status = 'running'`.withoutTransform,
+        AND ${byId("j", "running")}`.withoutTransform,
         (rows) => rows[0]
       )
 
@@ -429,7 +429,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       WITH c AS (
         SELECT j AS job, j.id, j.attempts FROM gh_automation_jobs j
         JOIN unnest(${claimed.map((c) => c.id)}::uuid[], ${claimed.map((c) => c.attempts)}::int[]) AS u(id, attempts)
-          ON j.id = u.id AND j.attempts = u.attempts AND j.status IN ('running', 'needs_human')
+          ON j.id = u.id AND j.attempts = u.attempts AND ${byId("j")}
       ),
       w AS (
         UPDATE gh_worker_registry SET current_job_id = (SELECT id FROM c LIMIT 1), last_heartbeat = now()
@@ -490,7 +490,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
           cost = coalesce(i.cost, g.cost),
           error_message = i.error_message, finished_at = now(), updated_at = now(), interaction = NULL, deadline_at = NULL
         FROM input i
-        WHERE g.id = i.id AND g.attempts = i.epoch AND g.status IN ('running', 'needs_human')
+        WHERE g.id = i.id AND g.attempts = i.epoch AND ${byId("g")}
         RETURNING g AS job, g.id, g.worker_id, g.attempts, i.status AS new_status, i.event_type, i.event_message, i.metadata
       ),
       w AS (
@@ -615,7 +615,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       WITH j AS (
         UPDATE gh_automation_jobs SET status = 'needs_human', interaction = ${JSON.stringify(interaction)}::jsonb,
           deadline_at = NULL, updated_at = now()
-        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status = 'running'
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND ${byId("gh_automation_jobs", "running")}
         RETURNING gh_automation_jobs AS job, worker_id
       )
       SELECT troupe_job_event(j.job, 'interaction_needed', ${interaction.message}::text, j.worker_id,
@@ -630,7 +630,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         UPDATE gh_automation_jobs SET status = 'running', interaction = NULL, updated_at = now(),
           deadline_at = CASE WHEN timeout_seconds IS NULL THEN NULL
                              ELSE now() + make_interval(secs => timeout_seconds) END
-        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status = 'needs_human'
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND ${byId("gh_automation_jobs", "needs_human")}
         RETURNING gh_automation_jobs AS job, worker_id
       )
       SELECT troupe_job_event(j.job, 'interaction_resolved', ${message}::text, j.worker_id,
@@ -651,7 +651,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       sql<{ id: string }>`
       WITH live AS (
         SELECT id FROM gh_automation_jobs
-        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND status IN ('running', 'needs_human')
+        WHERE id = ${jobId}::uuid AND attempts = ${epoch} AND ${byId("gh_automation_jobs")}
       ),
       c AS (
         UPDATE gh_automation_jobs SET cost = ${json(cost)}::jsonb, updated_at = now()
@@ -1024,6 +1024,20 @@ export interface JobRow {
 }
 
 /** The columns of a `Claimed` from `gh_automation_jobs j`. */
+/**
+ * A live job's status test (`running` or `needs_human`, or the one given) for statements that
+ * find jobs by id, written as a CASE so that the planner neither estimates it from the
+ * statistics nor answers it from the partial index `gh_automation_jobs_live`: such a
+ * statement must look its jobs up by id. Statistics taken while few jobs ran made the plain
+ * test look like one row, and the planner scanned every running job once per id of a batch
+ * (measured: 1.1 s to end a batch of 500 with 2,255 jobs running; the cost grows with the
+ * square of the load).
+ */
+const byId = (alias: string, only?: "running" | "needs_human") =>
+  Statement.unsafeFragment(
+    `(CASE WHEN ${alias}.status IN (${only === undefined ? "'running', 'needs_human'" : `'${only}'`}) THEN true ELSE false END)`
+  )
+
 const claimedColumns = Statement.unsafeFragment(
   "j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity, j.target_worker_id, j.valet_task_id, j.cost"
 )

@@ -302,13 +302,14 @@ const m0005_job_offers = Effect.gen(function* () {
  * grew faster than autovacuum analyses) the planner chose a bitmap scan of every queued
  * entry, dead ones included, and a sort, for each claim (measured: 40 ms per claim of 214
  * with 14,540 entries, so claims slowed as the backlog grew); the ordered scan stops after
- * `n` rows and marks the dead entries it passes.
+ * `n` rows and marks the dead entries it passes. `ROWS 10`: with the default guess of 1,000
+ * rows the claim's update hashed the whole jobs table to find the picked rows by id.
  */
 const m0006_claim_pick = Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
   yield* sql.unsafe(`
     CREATE FUNCTION troupe_pick_jobs(p_worker text, p_target text, p_n int) RETURNS SETOF uuid
-    LANGUAGE sql VOLATILE SET enable_bitmapscan = off SET enable_seqscan = off AS $$
+    LANGUAGE sql VOLATILE ROWS 10 SET enable_bitmapscan = off SET enable_seqscan = off AS $$
       SELECT id FROM gh_automation_jobs
       WHERE status = 'queued' AND run_at <= now()
         AND (worker_affinity = 'any' OR target_worker_id = p_worker OR target_worker_id = p_target
