@@ -130,7 +130,9 @@ export const make = (
       readonly row: JobStorage.Claimed
       readonly startedAt: number
       readonly lock: Effect.Semaphore
-      readonly outcome: Deferred.Deferred<JobActor.JobState>
+      /** How the attempt ended, once it has; `outcome` is made only when someone waits for it. */
+      final: JobActor.JobState | undefined
+      outcome: Deferred.Deferred<JobActor.JobState> | undefined
       /** Resolved once `job_started` is written: the attempt's own writes wait for it, so events stay in order. */
       readonly ready: Deferred.Deferred<void>
       fiber: Fiber.RuntimeFiber<void> | undefined
@@ -175,8 +177,8 @@ export const make = (
       seen.add(`${id}:${epoch}`)
       if (seen.size > seenLimit) seen.delete(seen.values().next().value!)
     }
-    // How attempts that ran here ended, newest last: a routed cancel that arrives after the
-    // pushed cancel already ended the run gets its answer from here.
+    // Attempts that ran here and were cancelled, newest last: a routed cancel that arrives
+    // after the pushed cancel already ended the run gets its answer from here.
     const ended = new Map<string, JobActor.JobState>()
     const remember = (jobId: string, final: JobActor.JobState) => {
       ended.delete(jobId)
@@ -211,12 +213,14 @@ export const make = (
       readonly epoch: number
       readonly outcome: JobStorage.Outcome
       readonly cost: JobHandler.Cost
-      readonly done: Deferred.Deferred<boolean>
+      readonly done: (ended: boolean) => void
     }
     const endings = yield* Queue.unbounded<Ending>()
     const writeEnds = (items: ReadonlyArray<Ending>) => Effect.suspend(() => storage.finishMany(items))
     const answer = (items: ReadonlyArray<Ending>, ended: (i: Ending) => boolean) =>
-      Effect.forEach(items, (i) => Deferred.succeed(i.done, ended(i)), { discard: true })
+      Effect.sync(() => {
+        for (const i of items) i.done(ended(i))
+      })
     yield* Queue.takeBetween(endings, 1, 500).pipe(
       Effect.flatMap((chunk) => {
         const items = [...chunk]
@@ -251,12 +255,23 @@ export const make = (
       FiberSet.run(writers)
     )
     const finish = (run: Run, outcome: JobStorage.Outcome) =>
-      Effect.flatMap(Deferred.make<boolean>(), (done) =>
-        Effect.zipRight(
-          Queue.offer(endings, { jobId: run.id, epoch: run.epoch, outcome, cost: run.cost, done }),
-          Deferred.await(done)
-        )
-      )
+      Effect.async<boolean>((resume) => {
+        endings.unsafeOffer({
+          jobId: run.id,
+          epoch: run.epoch,
+          outcome,
+          cost: run.cost,
+          done: (ended) => resume(Effect.succeed(ended))
+        })
+      })
+
+    /** How the attempt ended: at once when it has, else when it does. */
+    const endOf = (run: Run) =>
+      Effect.suspend(() => {
+        if (run.final !== undefined) return Effect.succeed(run.final)
+        run.outcome ??= Deferred.unsafeMake<JobActor.JobState>(FiberId.none)
+        return Deferred.await(run.outcome)
+      })
 
     const stateOf = (jobId: string, status: string, worker: string | null = workerId): JobActor.JobState => ({
       job_id: jobId,
@@ -485,8 +500,9 @@ export const make = (
           epoch: row.attempts,
           row,
           startedAt: Date.now(),
-          lock: yield* Effect.makeSemaphore(1),
-          outcome: yield* Deferred.make<JobActor.JobState>(),
+          lock: Effect.unsafeMakeSemaphore(1),
+          final: undefined,
+          outcome: undefined,
           ready,
           fiber: undefined,
           timer: undefined,
@@ -499,7 +515,7 @@ export const make = (
         }
         runs.set(run.id, run)
         busy++
-        yield* idle.close
+        if (runs.size === 1) yield* idle.close
         counters.claimed++
         const handler: JobHandler.Handler =
           options.handlers[row.job_type] ??
@@ -516,10 +532,11 @@ export const make = (
             )
             busy--
             wake()
-            yield* disarm(run)
+            if (run.timer !== undefined) yield* disarm(run)
             const final = yield* conclude(run, exit)
-            remember(run.id, final)
-            yield* Deferred.succeed(run.outcome, final)
+            if (final.status === "cancelled") remember(run.id, final)
+            run.final = final
+            if (run.outcome !== undefined) yield* Deferred.succeed(run.outcome, final)
           })
         ).pipe(
           Effect.catchAllCause((cause) => Effect.logError(`job ${run.id}: could not record its end`, cause)),
@@ -533,7 +550,7 @@ export const make = (
           )
         )
         run.fiber = yield* FiberSet.run(fibers, program)
-        yield* arm(run)
+        if (row.timeout_seconds !== null) yield* arm(run)
       })
 
     // --- Claiming ---
@@ -699,7 +716,7 @@ export const make = (
         if (run === undefined || run.fiber === undefined) return yield* cancelOrphan(jobId, reason)
         if (run.stop === undefined) run.stop = { _tag: "Cancel", reason }
         yield* Fiber.interrupt(run.fiber)
-        const final = yield* Deferred.await(run.outcome)
+        const final = yield* endOf(run)
         if (final.status !== "cancelled") {
           return yield* new Conflict({
             job_id: jobId,
