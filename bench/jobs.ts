@@ -65,6 +65,14 @@ export interface TroupeFigures {
   readonly pickup_p99_ms: number
   /** No-op jobs/s, enqueued in batches of `sizes.enqueueBatch` (as `Peers.throughputRun`). */
   readonly jobs_per_s: number
+  /**
+   * The same throughput run through the fewest writes the data contract allows, in raw SQL
+   * with no troupe code (bench/internal/floor.ts): what any implementation of the contract
+   * can reach on this machine and server.
+   */
+  readonly floor_jobs_per_s: number
+  /** The same on bare copies of the two tables: primary keys and the queue index only, no trigger. */
+  readonly floor_bare_jobs_per_s: number
   /** Cancel call → the running handler observes the cancellation. */
   readonly cancel_p50_ms: number
   readonly cancel_p99_ms: number
@@ -339,6 +347,10 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
 
     // --- Report ---
     const verdicts = computeTargets(troupe, peers)
+    const bestPeer =
+      peers.pgboss !== undefined && peers.graphile !== undefined
+        ? Math.max(peers.pgboss.jobs_per_s, peers.graphile.jobs_per_s)
+        : undefined
     const cell = (x: number | undefined, f: (x: number) => string) => (x === undefined ? "—" : f(x))
     const troupeCell = (x: number | undefined, f: (x: number) => string) =>
       x === undefined ? "not measured yet" : f(x)
@@ -370,6 +382,23 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
         `≥ ${targets.jobs_per_s_vs_best_peer} × better peer`,
         verdictCell(verdicts.jobs_per_s!)
       ],
+      ...(
+        [
+          ["throughput floor: contract in raw SQL, migrated tables", troupe.floor_jobs_per_s],
+          ["throughput floor: contract in raw SQL, bare tables", troupe.floor_bare_jobs_per_s]
+        ] as const
+      ).map(([label, x]) => [
+        label,
+        "",
+        "",
+        troupeCell(x, tput),
+        bestPeer === undefined ? "" : `target needs ${tput(targets.jobs_per_s_vs_best_peer * bestPeer)}`,
+        x === undefined || bestPeer === undefined
+          ? ""
+          : x >= targets.jobs_per_s_vs_best_peer * bestPeer
+            ? "reachable"
+            : "out of reach"
+      ]),
       [
         "cancel latency p50",
         "",
@@ -427,6 +456,8 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       pickup_p50_ms: troupe.pickup_p50_ms ?? null,
       pickup_p99_ms: troupe.pickup_p99_ms ?? null,
       jobs_per_s: troupe.jobs_per_s ?? null,
+      floor_jobs_per_s: troupe.floor_jobs_per_s ?? null,
+      floor_bare_jobs_per_s: troupe.floor_bare_jobs_per_s ?? null,
       cancel_p50_ms: troupe.cancel_p50_ms ?? null,
       cancel_p99_ms: troupe.cancel_p99_ms ?? null,
       failover_ms: troupe.failover_ms ?? null,
@@ -444,7 +475,9 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
         pickup:
           "one job at a time on an idle worker: performance.now() at the start of the enqueue call and at handler entry (same process); the harness pauses gapMs after each pickup; warm-up samples dropped",
         throughput:
-          "throughputJobs no-op jobs enqueued in batches of enqueueBatch from one producer while the workers drain them; jobs/s = jobs / (last handler entry - first enqueue call); median of throughput_rounds rounds, each on a fresh schema after a warm-up round; settled = no unsettled row left in the peer's table"
+          "throughputJobs no-op jobs enqueued in batches of enqueueBatch from one producer while the workers drain them; jobs/s = jobs / (last handler entry - first enqueue call); median of throughput_rounds rounds, each on a fresh schema after a warm-up round; settled = no unsettled row left in the peer's table",
+        floor:
+          "the throughput run through the contract's fewest writes in raw SQL (insert queued; claim: pick + mark running + job_started; end: mark completed + job_completed) no troupe code; on troupe's migrated tables, then on bare copies with primary keys and the queue index only; one round after a warm-up each, right after troupe's throughput (bench/internal/floor.ts)"
       },
       peers: Object.fromEntries(
         peerKeys

@@ -19,6 +19,7 @@ import * as Node from "../../src/runtime/Node.ts"
 import * as Reaper from "../../src/runtime/Reaper.ts"
 import * as Worker from "../../src/runtime/Worker.ts"
 import * as Db from "./db.ts"
+import * as Floor from "./floor.ts"
 import * as Peers from "./peers.ts"
 import { cpuMeter, ms, round, sleep, summarize } from "./stats.ts"
 
@@ -126,6 +127,12 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     ctx.log(`  claims: ${JSON.stringify(claimStats)}`)
     for (const tw of tws) yield* tw.close
 
+    // --- The contract's floor (raw SQL, no troupe code; see floor.ts) ---
+    ctx.log("  throughput floor of the data contract (raw SQL), on the migrated tables")
+    const floor = yield* Effect.promise(() => Floor.measure(db.url, ctx, "migrated"))
+    ctx.log("  throughput floor of the data contract (raw SQL), on bare tables")
+    const floorBare = yield* Effect.promise(() => Floor.measure(db.url, ctx, "bare"))
+
     // --- Cancel ---
     ctx.log("  cancel")
     const cw = yield* workerNode("bench-cancel", 1)
@@ -166,6 +173,8 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     return {
       pickup,
       throughput: { ...throughput, claims: claimStats },
+      floor,
+      floorBare,
       cancel: { ...cancel, cpu: cancelCpu },
       failovers
     }
@@ -177,6 +186,8 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     pickup_p50_ms: round(inProcess.pickup.p50, 3),
     pickup_p99_ms: round(inProcess.pickup.p99, 3),
     jobs_per_s: inProcess.throughput.jobs_per_s,
+    floor_jobs_per_s: inProcess.floor.jobs_per_s,
+    floor_bare_jobs_per_s: inProcess.floorBare.jobs_per_s,
     cancel_p50_ms: round(inProcess.cancel.p50, 3),
     cancel_p99_ms: round(inProcess.cancel.p99, 3),
     failover_ms: Math.round(summarize(failovers).p50),
@@ -184,6 +195,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     details: {
       pickup: inProcess.pickup,
       throughput: inProcess.throughput,
+      floor: { migrated: inProcess.floor, bare: inProcess.floorBare, settings: Floor.floorSettings },
       cancel: inProcess.cancel,
       failover_runs_ms: failovers.map((f) => Math.round(f)),
       failover_max_ms: Math.round(Math.max(...failovers))
