@@ -12,7 +12,7 @@ import {
   Job,
   JobState,
   Resolution,
-  SubmitJob,
+  SubmitJobStruct,
   WorkerState
 } from "./Jobs.ts"
 
@@ -62,7 +62,7 @@ const request = <Type extends string, Fields extends Schema.Struct.Fields>(type:
 /** Authenticate with the shared service secret (for clients that cannot set `Authorization`). */
 export const Auth = request("auth", { token: Schema.String.pipe(Schema.maxLength(4096)) })
 /** Submit a job (`SubmitJob`); the reply carries the stored `Job`. */
-export const JobSubmit = request("job.submit", { job: Schema.Struct(SubmitJob.fields) })
+export const JobSubmit = request("job.submit", { job: SubmitJobStruct })
 /** Cancel a job; the reply carries the job's state after it (`JobState`). */
 export const JobCancel = request("job.cancel", { job_id: Uuid, reason: Schema.optional(Name) })
 /** Resume a `needs_human` job with a human's resolution; the reply carries its `JobState`. */
@@ -284,7 +284,7 @@ export const documented = {
   WorkerState,
   DeregisterResult,
   Job,
-  SubmitJob: Schema.Struct(SubmitJob.fields),
+  SubmitJob: SubmitJobStruct,
   Health,
   WorkerHealth,
   WorkerStatus,

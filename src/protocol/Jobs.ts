@@ -49,6 +49,71 @@ export class SubmitJob extends Schema.Class<SubmitJob>("SubmitJob")({
   })
 }) {}
 
+/** A job submission as `SubmitJob` decodes it, as a plain object. */
+export type SubmitJobFields = Schema.Schema.Type<typeof SubmitJobStruct>
+
+/** `SubmitJob`'s fields as a plain struct (a third of the class decode's cost). */
+export const SubmitJobStruct = Schema.Struct(SubmitJob.fields)
+
+const submitKeys: ReadonlySet<string | symbol> = new Set(Object.keys(SubmitJob.fields))
+const isId = (v: unknown): v is string => typeof v === "string" && v.length >= 1 && v.length <= 200
+const isIntIn = (v: unknown, min: number, max: number): v is number =>
+  typeof v === "number" && Number.isSafeInteger(v) && v >= min && v <= max
+
+/**
+ * The common submission, checked by hand: a plain object with only `SubmitJob`'s fields,
+ * each absent (its default), or of its type within its bounds. Returns what `SubmitJob`'s
+ * decode returns for it, or `undefined` for anything else, for that decode to accept or
+ * explain. Schema's decode costs about 26 KB of garbage per job, a quarter of a no-op job's
+ * CPU in a batch; a property test holds the two to the same answers.
+ */
+export const decodeSubmitJobFast = (input: unknown): SubmitJobFields | undefined => {
+  if (typeof input !== "object" || input === null) return undefined
+  const proto = Object.getPrototypeOf(input)
+  if (proto !== Object.prototype && proto !== null) return undefined
+  for (const k of Reflect.ownKeys(input)) if (!submitKeys.has(k)) return undefined
+  const i = input as Record<string, unknown>
+  const has = (k: string) => Object.hasOwn(i, k)
+  const { valet_task_id, job_type, payload, target_worker_id, worker_affinity, callback_url } = i
+  const { priority, max_attempts, timeout_seconds } = i
+  if (has("valet_task_id") && valet_task_id !== null && !isId(valet_task_id)) return undefined
+  if (typeof job_type !== "string" || !/^[A-Za-z0-9._:-]{1,100}$/.test(job_type)) return undefined
+  if (has("payload") && payload === undefined) return undefined
+  if (has("target_worker_id") && target_worker_id !== null && !isId(target_worker_id)) return undefined
+  if (
+    has("worker_affinity") &&
+    worker_affinity !== "strict" &&
+    worker_affinity !== "preferred" &&
+    worker_affinity !== "any"
+  )
+    return undefined
+  if (
+    has("callback_url") &&
+    callback_url !== null &&
+    !(
+      typeof callback_url === "string" &&
+      callback_url.length <= 2000 &&
+      /^https?:\/\/\S+$/.test(callback_url)
+    )
+  )
+    return undefined
+  if (has("priority") && !isIntIn(priority, -1000, 1000)) return undefined
+  if (has("max_attempts") && !isIntIn(max_attempts, 1, 100)) return undefined
+  if (has("timeout_seconds") && timeout_seconds !== null && !isIntIn(timeout_seconds, 1, 7 * 24 * 3600))
+    return undefined
+  return {
+    valet_task_id: has("valet_task_id") ? (valet_task_id as string | null) : null,
+    job_type,
+    payload: has("payload") ? payload : {},
+    target_worker_id: has("target_worker_id") ? (target_worker_id as string | null) : null,
+    worker_affinity: has("worker_affinity") ? (worker_affinity as WorkerAffinity) : "any",
+    callback_url: has("callback_url") ? (callback_url as string | null) : null,
+    priority: has("priority") ? (priority as number) : 0,
+    max_attempts: has("max_attempts") ? (max_attempts as number) : 3,
+    timeout_seconds: has("timeout_seconds") ? (timeout_seconds as number | null) : null
+  }
+}
+
 /** What a handler raises to ask for a human (`needs_human`). */
 export class Interaction extends Schema.Class<Interaction>("Interaction")({
   type: Schema.String,
