@@ -66,6 +66,12 @@ export interface TroupeFigures {
   /** No-op jobs/s, enqueued in batches of `sizes.enqueueBatch` (as `Peers.throughputRun`). */
   readonly jobs_per_s: number
   /**
+   * A backlog of `throughputJobs` queued jobs, inserted after an ANALYZE of the empty queue,
+   * drained by two fresh worker nodes: jobs/s from their start to the last handler entry.
+   * Guards the plans against stale statistics (docs/JOBS.md).
+   */
+  readonly backlog_jobs_per_s: number
+  /**
    * The same throughput run through the fewest writes the data contract allows, in raw SQL
    * with no troupe code (bench/internal/floor.ts): what any implementation of the contract
    * can reach on this machine and server.
@@ -382,6 +388,14 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
         `≥ ${targets.jobs_per_s_vs_best_peer} × better peer`,
         verdictCell(verdicts.jobs_per_s!)
       ],
+      [
+        "drain of a queued backlog (statistics taken empty)",
+        "",
+        "",
+        troupeCell(troupe.backlog_jobs_per_s, tput),
+        "",
+        ""
+      ],
       ...(
         [
           ["throughput floor: contract in raw SQL, migrated tables", troupe.floor_jobs_per_s],
@@ -456,6 +470,7 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
       pickup_p50_ms: troupe.pickup_p50_ms ?? null,
       pickup_p99_ms: troupe.pickup_p99_ms ?? null,
       jobs_per_s: troupe.jobs_per_s ?? null,
+      backlog_jobs_per_s: troupe.backlog_jobs_per_s ?? null,
       floor_jobs_per_s: troupe.floor_jobs_per_s ?? null,
       floor_bare_jobs_per_s: troupe.floor_bare_jobs_per_s ?? null,
       cancel_p50_ms: troupe.cancel_p50_ms ?? null,
@@ -476,6 +491,8 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
           "one job at a time on an idle worker: performance.now() at the start of the enqueue call and at handler entry (same process); the harness pauses gapMs after each pickup; warm-up samples dropped",
         throughput:
           "throughputJobs no-op jobs enqueued in batches of enqueueBatch from one producer while the workers drain them; jobs/s = jobs / (last handler entry - first enqueue call); median of throughput_rounds rounds, each on a fresh schema after a warm-up round; settled = no unsettled row left in the peer's table",
+        backlog:
+          "throughputJobs jobs inserted queued in one statement after an ANALYZE of the emptied queue, then two fresh worker nodes (256 slots each) start; jobs/s = jobs / (last handler entry - the workers' start)",
         floor:
           "the throughput run through the contract's fewest writes in raw SQL (insert queued; claim: pick + mark running + job_started; end: mark completed + job_completed) no troupe code; on troupe's migrated tables, then on bare copies with primary keys and the queue index only; one round after a warm-up each, right after troupe's throughput (bench/internal/floor.ts)"
       },

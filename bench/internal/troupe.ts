@@ -76,8 +76,8 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
       })
     })
 
-    /** A worker node with its own pool, in its own scope. */
-    const workerNode = (name: string, maxConcurrent: number) =>
+    /** A worker node with its own pool, in its own scope; `settle`: wait 200 ms after it started. */
+    const workerNode = (name: string, maxConcurrent: number, settle = true) =>
       Effect.gen(function* () {
         const scope = yield* Scope.make()
         const ctxLayer = yield* Layer.buildWithScope(nodeLayer(name), scope)
@@ -86,7 +86,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
           Scope.extend(scope),
           Effect.provide(ctxLayer)
         )
-        yield* Effect.sleep("200 millis")
+        if (settle) yield* Effect.sleep("200 millis")
         return { worker, close: Scope.close(scope, Exit.void) }
       })
 
@@ -126,6 +126,41 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     }))
     ctx.log(`  claims: ${JSON.stringify(claimStats)}`)
     for (const tw of tws) yield* tw.close
+
+    // --- Backlog: a queue that grew while statistics were taken with it empty ---
+    ctx.log(`  backlog: ${ctx.sizes.throughputJobs} queued jobs, ANALYZE, then two workers start`)
+    yield* Effect.promise(async () => {
+      await Db.query(db.url, "ANALYZE gh_automation_jobs")
+      await Db.query(
+        db.url,
+        "INSERT INTO gh_automation_jobs (job_type, payload) SELECT 'tp', jsonb_build_object('seq', g) FROM generate_series(1, $1::int) AS g",
+        [ctx.sizes.throughputJobs]
+      )
+    })
+    const backlogStart = counter.handled
+    const backlogCpu = cpuMeter(ctx.serverPid)
+    const backlogAt = performance.now()
+    const bws = []
+    for (let i = 0; i < troupeSettings.throughput.workers; i++) {
+      bws.push(yield* workerNode(`bench-bl${i}`, troupeSettings.throughput.max_concurrent, false))
+    }
+    for (const bw of bws) bw.worker.wake()
+    if (!(yield* Effect.promise(() => counter.until(backlogStart + ctx.sizes.throughputJobs, 120_000))))
+      throw new Error("backlog: the workers did not drain it within 120 s")
+    const backlog = {
+      jobs: ctx.sizes.throughputJobs,
+      jobs_per_s: Math.round((ctx.sizes.throughputJobs / (counter.lastAt - backlogAt)) * 1000),
+      cpu: backlogCpu()
+    }
+    ctx.log(`  backlog drained at ${backlog.jobs_per_s} jobs/s`)
+    for (const bw of bws) yield* bw.close
+    yield* Effect.promise(() =>
+      Db.query(db.url, "SELECT 1 FROM gh_automation_jobs WHERE status IN ('queued', 'running') LIMIT 1").then(
+        (rows) => {
+          if (rows.length > 0) throw new Error("backlog: jobs left unsettled")
+        }
+      )
+    )
 
     // --- The contract's floor (raw SQL, no troupe code; see floor.ts) ---
     ctx.log("  throughput floor of the data contract (raw SQL), on the migrated tables")
@@ -173,6 +208,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     return {
       pickup,
       throughput: { ...throughput, claims: claimStats },
+      backlog,
       floor,
       floorBare,
       cancel: { ...cancel, cpu: cancelCpu },
@@ -186,6 +222,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     pickup_p50_ms: round(inProcess.pickup.p50, 3),
     pickup_p99_ms: round(inProcess.pickup.p99, 3),
     jobs_per_s: inProcess.throughput.jobs_per_s,
+    backlog_jobs_per_s: inProcess.backlog.jobs_per_s,
     floor_jobs_per_s: inProcess.floor.jobs_per_s,
     floor_bare_jobs_per_s: inProcess.floorBare.jobs_per_s,
     cancel_p50_ms: round(inProcess.cancel.p50, 3),
@@ -195,6 +232,7 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     details: {
       pickup: inProcess.pickup,
       throughput: inProcess.throughput,
+      backlog: inProcess.backlog,
       floor: { migrated: inProcess.floor, bare: inProcess.floorBare, settings: Floor.floorSettings },
       cancel: inProcess.cancel,
       failover_runs_ms: failovers.map((f) => Math.round(f)),
