@@ -21,6 +21,7 @@ import {
   FiberSet,
   Option,
   Queue,
+  Runtime,
   Schedule,
   type Scope
 } from "effect"
@@ -185,13 +186,27 @@ export const make = (
       ended.set(jobId, final)
       if (ended.size > seenLimit) ended.delete(ended.keys().next().value!)
     }
+    const startNow = Runtime.runFork(yield* Effect.runtime<never>())
     const onNodeJobs = (payload: string) => {
       const pushed = JobStorage.parsePushed(payload)
       if (pushed === undefined) return wake()
       if (pushed.worker_id !== workerId) return
       if ("cancel" in pushed) return cancelNow(pushed)
-      handed.unsafeOffer(pushed)
-      signals.unsafeOffer(undefined)
+      if (pushed.fetch === true) {
+        // Sent by id only (too large for a NOTIFY): the claim loop reads it.
+        handed.unsafeOffer(pushed)
+        signals.unsafeOffer(undefined)
+        return
+      }
+      // The whole job is here: start it now, without a hop through the claim loop (its
+      // accounting is synchronous, so the two cannot start one attempt twice).
+      startNow(
+        adopt([pushed]).pipe(
+          Effect.catchAllCause((cause) =>
+            Effect.logError(`worker ${workerId}: handed job ${pushed.id} not started`, cause)
+          )
+        )
+      )
     }
     /**
      * A cancel pushed ahead of its routed request (`JobStorage.cancelOrLocate`): interrupt
@@ -627,23 +642,24 @@ export const make = (
     })
 
     // Jobs handed over by submits: start each attempt once.
-    const startHanded = Effect.gen(function* () {
-      const items = yield* Queue.takeAll(handed)
-      const rows: Array<JobStorage.Claimed> = []
-      for (const item of items) {
-        // Seen: started already (a catch-up came first), or cancelled here before it arrived;
-        // either way a catch-up is due or done, and it recounts the offers.
-        if (isSeen(item.id, item.attempts)) continue
-        offered = Math.max(0, offered - 1)
-        counters.handed++
-        if (stopping) continue
-        if (item.fetch === true) {
-          const row = yield* storage.handedOne(registration, item.id, item.attempts)
-          if (row !== undefined) rows.push(row)
-        } else rows.push(item)
-      }
-      yield* launch(rows)
-    })
+    const adopt = (items: ReadonlyArray<JobStorage.Pushed>) =>
+      Effect.gen(function* () {
+        const rows: Array<JobStorage.Claimed> = []
+        for (const item of items) {
+          // Seen: started already (a catch-up came first), or cancelled here before it arrived;
+          // either way a catch-up is due or done, and it recounts the offers.
+          if (isSeen(item.id, item.attempts)) continue
+          offered = Math.max(0, offered - 1)
+          counters.handed++
+          if (stopping) continue
+          if (item.fetch === true) {
+            const row = yield* storage.handedOne(registration, item.id, item.attempts)
+            if (row !== undefined) rows.push(row)
+          } else rows.push(item)
+        }
+        yield* launch(rows)
+      })
+    const startHanded = Effect.flatMap(Queue.takeAll(handed), (items) => adopt([...items]))
 
     // After a reconnect or a quiet poll period (a NOTIFY may have been missed): take back
     // every offer, then start what was handed here and never started. Once the offers are
