@@ -299,9 +299,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
      * Claim the jobs this worker may run, oldest of the highest priority first, up to its
      * `free` slots plus those it had on offer (withdrawn here, `withdraw`): mark them running
      * under a new attempt, place their `job:<id>` actors on this node (moving any messages
-     * waiting for an earlier placement), and write what `started` writes for handed jobs
-     * (`job_started` events, their callbacks, the worker's `current_job_id`): one statement
-     * per batch instead of two. With `lend`, the slots the queue could not fill are
+     * waiting for an earlier placement). With `lend`, the slots the queue could not fill are
      * put on offer (`insertAny` hands the next jobs straight to them). One statement; the
      * last row (`id` null) carries how many offers were withdrawn and lent.
      */
@@ -345,32 +343,10 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         WHERE actor_id IN (SELECT 'job:' || id FROM claimed WHERE attempts > 1) AND node_id <> ${worker.nodeId}::text
         RETURNING 1
       ),
-      -- The job_started events, their callbacks and the worker's current job, as started writes them for handed jobs.
-      ev AS (
-        INSERT INTO gh_job_events (job_id, event_type, message, actor, metadata)
-        SELECT c.id, 'job_started', 'Job assigned to ' || ${worker.workerId}::text, ${worker.workerId}::text,
-          jsonb_build_object('worker_id', ${worker.workerId}::text, 'node_id', ${worker.nodeId}::text,
-                             'attempt', c.attempts, 'elapsed_ms', 0)
-        FROM claimed c
-        RETURNING id, job_id
-      ),
-      cb AS (
-        INSERT INTO callback_outbox (job_id, url, status, payload, idempotency_key)
-        SELECT c.id, (c.job).callback_url, 'running', troupe_callback_payload(c.job), c.id::text || ':' || ev.id::text
-        FROM claimed c JOIN ev ON ev.job_id = c.id WHERE (c.job).callback_url IS NOT NULL
-        RETURNING 1
-      ),
-      current AS (
-        UPDATE gh_worker_registry SET current_job_id = (SELECT id FROM claimed LIMIT 1), last_heartbeat = now()
-        WHERE worker_id = ${worker.workerId}::text AND EXISTS (SELECT 1 FROM claimed)
-        RETURNING 1
-      ),
       -- Moved messages need a scan on this node (a bare wake-up), not the rows-in-NOTIFY fast path.
       woke AS (
         SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1
         UNION ALL SELECT pg_notify('node:' || ${worker.nodeId}::text, 'm') FROM (SELECT 1 FROM moved LIMIT 1) x
-        UNION ALL SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) y
-        UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
       ),
       lent AS (
         INSERT INTO job_offers (worker_id, node_id)
@@ -384,7 +360,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         0 AS withdrawn, 0 AS lent
       FROM claimed c
       WHERE (SELECT count(*) FROM placed) >= 0 AND (SELECT count(*) FROM moved) >= 0
-        AND (SELECT count(*) FROM woke) >= 0 AND (SELECT count(*) FROM current) >= 0
+        AND (SELECT count(*) FROM woke) >= 0
       UNION ALL
       SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
         (SELECT count(*) FROM gone)::int, (SELECT count(*) FROM lent)::int`
@@ -438,9 +414,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       )
 
     /**
-     * What follows a hand-off, off the path to the handler's start (a claim writes it in its
-     * own statement): `job_started` events and their callbacks, and the worker's
-     * `current_job_id`. The worker holds back the attempt's
+     * What follows a claim, off the path to the handler's start: `job_started` events and
+     * their callbacks, and the worker's `current_job_id`. The worker holds back the attempt's
      * own writes until this is done, so events stay in order. Returns the ids whose attempt
      * was still live.
      */

@@ -570,16 +570,12 @@ export const make = (
 
     // --- Claiming ---
 
-    // The `ready` of attempts whose `job_started` the claim statement wrote.
-    const written = Deferred.unsafeMake<void>(FiberId.none)
-    Deferred.unsafeDone(written, Exit.void)
-
     /**
      * Start jobs this worker now holds, each attempt once whichever path (claim, NOTIFY,
      * catch-up, deregister) brings it; their `job_started` events and callbacks are written
-     * meanwhile (`claimed`: the claim statement wrote them). Returns how many it started.
+     * meanwhile. Returns how many it started.
      */
-    const launch = (rows: ReadonlyArray<JobStorage.Claimed>, claimed = false) =>
+    const launch = (rows: ReadonlyArray<JobStorage.Claimed>) =>
       Effect.gen(function* () {
         const fresh = rows.filter((r) => {
           if (isSeen(r.id, r.attempts) || runs.get(r.id)?.epoch === r.attempts) return false
@@ -587,10 +583,6 @@ export const make = (
           return true
         })
         if (fresh.length === 0) return 0
-        if (claimed) {
-          for (const row of fresh) yield* start(row, written)
-          return fresh.length
-        }
         const ready = yield* Deferred.make<void>()
         for (const row of fresh) yield* start(row, ready)
         yield* storage.started(registration, fresh).pipe(
@@ -633,7 +625,7 @@ export const make = (
         })
         counters.claims++
         offered += claimed.lent - claimed.withdrawn
-        yield* launch(claimed.rows, true)
+        yield* launch(claimed.rows)
         // Again only while the queue filled every slot asked for (none asked: the offers
         // were all taken, and their jobs are on the way here).
         const asked = Math.max(0, free) + claimed.withdrawn
