@@ -592,14 +592,15 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         false AS alive, false AS pushed FROM ev
       UNION ALL
       SELECT false, l.status, l.attempts, l.node_id, l.worker_id, l.alive,
-        -- (a reason too long for a NOTIFY payload goes only with the routed cancel)
-        CASE WHEN l.alive AND l.status IN ('running', 'needs_human') AND octet_length(${reason}::text) <= 2000 THEN
-          pg_notify('jobs:' || l.node_id, jsonb_build_object('cancel', true, 'id', l.id, 'worker_id', l.worker_id,
-                                                             'attempts', l.attempts, 'reason', ${reason}::text)::text)
+        -- (a push too large for a NOTIFY payload is left out: the routed cancel does it all)
+        CASE WHEN l.alive AND l.status IN ('running', 'needs_human') AND octet_length(l.push) <= ${maxPushBytes} THEN
+          pg_notify('jobs:' || l.node_id, l.push)
         END IS NULL
       FROM (
         SELECT o.id, o.status, o.attempts, o.node_id, o.worker_id,
-          (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive
+          (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive,
+          jsonb_build_object('cancel', true, 'id', o.id, 'worker_id', o.worker_id, 'attempts', o.attempts,
+                             'reason', ${reason}::text)::text AS push
         FROM gh_automation_jobs o LEFT JOIN nodes n ON n.id = o.node_id
         WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)
       ) l`.withoutTransform.pipe(Effect.map((rows) => rows[0]))

@@ -137,6 +137,8 @@ export const make = (
       /** Resolved once `job_started` is written: the attempt's own writes wait for it, so events stay in order. */
       readonly ready: Deferred.Deferred<void>
       fiber: Fiber.RuntimeFiber<void> | undefined
+      /** Its fiber has begun `program` (see `stopRun`). */
+      begun: boolean
       timer: Fiber.RuntimeFiber<void> | undefined
       status: "running" | "needs_human" | "deciding"
       resume: Deferred.Deferred<Resolution> | undefined
@@ -201,7 +203,7 @@ export const make = (
       // The whole job is here: start it now, without a hop through the claim loop (its
       // accounting is synchronous, so the two cannot start one attempt twice).
       startNow(
-        adopt([pushed]).pipe(
+        adopt([pushed], true).pipe(
           Effect.catchAllCause((cause) =>
             Effect.logError(`worker ${workerId}: handed job ${pushed.id} not started`, cause)
           )
@@ -215,8 +217,17 @@ export const make = (
     const cancelNow = (push: JobStorage.CancelPush) => {
       const run = runs.get(push.id)
       if (run === undefined || run.epoch !== push.attempts || run.fiber === undefined) return
-      if (run.stop === undefined) run.stop = { _tag: "Cancel", reason: push.reason }
-      run.fiber.unsafeInterruptAsFork(FiberId.none)
+      stopRun(run, { _tag: "Cancel", reason: push.reason })
+    }
+    /**
+     * Stop a run's handler for this reason (the first reason given stands). A fiber
+     * interrupted before it begins ends without running `program`, so the run would stay
+     * busy and unanswered for good (a cancel push can come in the same read as its job's
+     * NOTIFY): before it begins, `program` sees the stop and skips the handler instead.
+     */
+    const stopRun = (run: Run, stop: Stop) => {
+      if (run.stop === undefined) run.stop = stop
+      if (run.begun) run.fiber?.unsafeInterruptAsFork(FiberId.none)
     }
 
     // --- Ending attempts, batched ---
@@ -346,8 +357,7 @@ export const make = (
             Effect.suspend(() => {
               if (run.status !== "running" || run.stop !== undefined || run.fiber === undefined)
                 return Effect.void
-              run.stop = { _tag: "Timeout" }
-              return Fiber.interrupt(run.fiber)
+              return Effect.sync(() => stopRun(run, { _tag: "Timeout" }))
             })
           ),
           Effect.asVoid,
@@ -520,6 +530,7 @@ export const make = (
           outcome: undefined,
           ready,
           fiber: undefined,
+          begun: false,
           timer: undefined,
           status: "running",
           resume: undefined,
@@ -542,9 +553,14 @@ export const make = (
           )
         const program = Effect.uninterruptibleMask((restore) =>
           Effect.gen(function* () {
-            const exit = yield* Effect.exit(
-              restore(Effect.provideService(handler, JobHandler.JobContext, contextOf(run)))
-            )
+            run.begun = true
+            // Stopped before it began (`stopRun`): as if interrupted at once.
+            const exit =
+              run.stop === undefined
+                ? yield* Effect.exit(
+                    restore(Effect.provideService(handler, JobHandler.JobContext, contextOf(run)))
+                  )
+                : Exit.interrupt(FiberId.none)
             busy--
             wake()
             if (run.timer !== undefined) yield* disarm(run)
@@ -608,8 +624,7 @@ export const make = (
       Effect.suspend(() => {
         const run = runs.get(jobId)
         if (run === undefined || run.epoch !== epoch || run.fiber === undefined) return Effect.void
-        if (run.stop === undefined) run.stop = { _tag: "Lost" }
-        return Fiber.interruptFork(run.fiber)
+        return Effect.sync(() => stopRun(run, { _tag: "Lost" }))
       })
 
     const lending = () => state === "active" && !stopping
@@ -634,14 +649,22 @@ export const make = (
     })
 
     // Jobs handed over by submits: start each attempt once.
-    const adopt = (items: ReadonlyArray<JobStorage.Pushed>) =>
+    // Offers spent by jobs started from their NOTIFY, not yet taken off `offered`: the claim
+    // loop does that (`step`), after the bookkeeping of the claim that lent them, which its
+    // reply may bring after the NOTIFY. Until then the slot counts twice (busy and offered),
+    // so a claim asks for less, never more.
+    let spent = 0
+    const adopt = (items: ReadonlyArray<JobStorage.Pushed>, direct = false) =>
       Effect.gen(function* () {
         const rows: Array<JobStorage.Claimed> = []
         for (const item of items) {
           // Seen: started already (a catch-up came first), or cancelled here before it arrived;
           // either way a catch-up is due or done, and it recounts the offers.
           if (isSeen(item.id, item.attempts)) continue
-          offered = Math.max(0, offered - 1)
+          if (direct) {
+            spent++
+            signals.unsafeOffer(undefined)
+          } else offered = Math.max(0, offered - 1)
           counters.handed++
           if (stopping) continue
           if (item.fetch === true) {
@@ -661,13 +684,17 @@ export const make = (
       lastReconcile = Date.now()
       yield* storage.withdraw(registration)
       const rows = yield* storage.handed(registration, [...runs.keys()])
+      // Exact now: the offers spent meanwhile were taken before the withdraw.
       offered = 0
+      spent = 0
       if (!stopping && state !== "offline") counters.handed += yield* launch(rows)
       claimWanted = true
     })
 
     let claimFailures = 0
     const step = Effect.gen(function* () {
+      offered = Math.max(0, offered - spent)
+      spent = 0
       yield* startHanded
       // At least every poll interval, also under a steady stream of wake-ups.
       if (reconcileWanted || Date.now() - lastReconcile >= pollMillis) {
@@ -730,8 +757,7 @@ export const make = (
         const done = ended.get(jobId)
         if (run === undefined && done?.status === "cancelled") return done
         if (run === undefined || run.fiber === undefined) return yield* cancelOrphan(jobId, reason)
-        if (run.stop === undefined) run.stop = { _tag: "Cancel", reason }
-        yield* Fiber.interrupt(run.fiber)
+        stopRun(run, { _tag: "Cancel", reason })
         const final = yield* endOf(run)
         if (final.status !== "cancelled") {
           return yield* new Conflict({

@@ -238,6 +238,32 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
   )
 
   it.scoped(
+    "a cancel pushed right behind its job's NOTIFY (one commit, one read) ends the job cancelled and frees the slot",
+    () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { jobs } = yield* startGateway("gw-h9c")
+        yield* startWorker("h9c", { pollInterval: "60 seconds" })
+        const k = key()
+        const id = yield* handOffSilently("w-h9c", "ctl", { key: k })
+        // The job's NOTIFY and the cancel push commit together, so they arrive together.
+        yield* sql`SELECT pg_notify('jobs:h9c', json_build_object('id', ${id}::text, 'worker_id', 'w-h9c',
+          'attempts', 1, 'job_type', 'ctl', 'payload', json_build_object('key', ${k}::text), 'timeout_seconds', NULL,
+          'worker_affinity', 'any', 'target_worker_id', NULL, 'valet_task_id', NULL, 'cost', '{}'::json)::text),
+          pg_notify('jobs:h9c', json_build_object('cancel', true, 'id', ${id}::text, 'worker_id', 'w-h9c',
+          'attempts', 1, 'reason', 'pushed at once')::text)`
+        yield* statusIs(id, "cancelled")
+        const ended = yield* sql<{ event_type: string; reason: string }>`
+          SELECT event_type, metadata->>'reason' AS reason FROM gh_job_events
+          WHERE job_id = ${id}::uuid AND event_type = 'job_cancelled'`
+        expect(ended).toEqual([{ event_type: "job_cancelled", reason: "pushed at once" }])
+        // The worker (one slot) is free again: the next job runs.
+        const next = yield* jobs.submit({ job_type: "noop" })
+        yield* statusIs(next.id, "completed")
+      })
+  )
+
+  it.scoped(
     "deregister counts a handed job whose NOTIFY is still on its way: it is cancelled and named",
     () =>
       Effect.gen(function* () {
