@@ -52,6 +52,21 @@ const statusesOf = (ids: ReadonlyArray<string>) =>
       FROM gh_automation_jobs j WHERE j.id = ANY(${ids}::uuid[])`.withoutTransform
   )
 
+/** The NOTIFY payload a submit sends when it hands a `ctl` job (attempt 1) to a worker. */
+const pushedCtl = (id: string, workerId: string, key: string) =>
+  JSON.stringify({
+    id,
+    worker_id: workerId,
+    attempts: 1,
+    job_type: "ctl",
+    payload: { key },
+    timeout_seconds: null,
+    worker_affinity: "any",
+    target_worker_id: null,
+    valet_task_id: null,
+    cost: {}
+  })
+
 /**
  * What a submit does when the NOTIFY to the worker's node never arrives: wait for the
  * worker's offer, take it, write the job running for that worker, place its actor; no NOTIFY.
@@ -227,9 +242,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
       // Ended by someone else (a cancel, the reaper) before the worker saw it …
       yield* sql`UPDATE gh_automation_jobs SET status = 'cancelled', finished_at = now() WHERE id = ${id}::uuid`
       // … and then its NOTIFY arrives, as a submit sends it.
-      yield* sql`SELECT pg_notify('jobs:h9', json_build_object('id', ${id}::text, 'worker_id', 'w-h9',
-        'attempts', 1, 'job_type', 'ctl', 'payload', json_build_object('key', ${k}::text), 'timeout_seconds', NULL,
-        'worker_affinity', 'any', 'target_worker_id', NULL, 'valet_task_id', NULL, 'cost', '{}'::json)::text)`
+      yield* sql`SELECT pg_notify('jobs:h9', ${pushedCtl(id, "w-h9", k)})`
       yield* Deferred.await(slot(k).started)
       yield* Deferred.await(slot(k).interrupted)
       const rows = yield* statusesOf([id])
@@ -247,11 +260,9 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
         const k = key()
         const id = yield* handOffSilently("w-h9c", "ctl", { key: k })
         // The job's NOTIFY and the cancel push commit together, so they arrive together.
-        yield* sql`SELECT pg_notify('jobs:h9c', json_build_object('id', ${id}::text, 'worker_id', 'w-h9c',
-          'attempts', 1, 'job_type', 'ctl', 'payload', json_build_object('key', ${k}::text), 'timeout_seconds', NULL,
-          'worker_affinity', 'any', 'target_worker_id', NULL, 'valet_task_id', NULL, 'cost', '{}'::json)::text),
-          pg_notify('jobs:h9c', json_build_object('cancel', true, 'id', ${id}::text, 'worker_id', 'w-h9c',
-          'attempts', 1, 'reason', 'pushed at once')::text)`
+        const cancel = { cancel: true, id, worker_id: "w-h9c", attempts: 1, reason: "pushed at once" }
+        yield* sql`SELECT pg_notify('jobs:h9c', ${pushedCtl(id, "w-h9c", k)}),
+          pg_notify('jobs:h9c', ${JSON.stringify(cancel)})`
         yield* statusIs(id, "cancelled")
         const ended = yield* sql<{ event_type: string; reason: string }>`
           SELECT event_type, metadata->>'reason' AS reason FROM gh_job_events
