@@ -251,6 +251,12 @@ interface Verdict {
   readonly pass: boolean | null
 }
 
+/** The better peer's jobs/s, when both peers were measured. */
+const bestPeerJobsPerS = (peers: Partial<Record<PeerKey, PeerResult>>) =>
+  peers.pgboss !== undefined && peers.graphile !== undefined
+    ? Math.max(peers.pgboss.jobs_per_s, peers.graphile.jobs_per_s)
+    : undefined
+
 const computeTargets = (
   t: Partial<TroupeFigures>,
   peers: Partial<Record<PeerKey, PeerResult>>
@@ -263,7 +269,7 @@ const computeTargets = (
     x !== undefined && both ? x < pick(pg) && x < pick(gw) : null
   const atMost = (x: number | undefined, limit: number) => (x === undefined ? null : x <= limit)
   const and = (...xs: Array<boolean | null>) => (xs.some((x) => x === null) ? null : xs.every(Boolean))
-  const bestPeer = both ? Math.max(pg.jobs_per_s, gw.jobs_per_s) : undefined
+  const bestPeer = bestPeerJobsPerS(peers)
   const peerText = (pick: (p: PeerResult) => number, unit: string) =>
     both ? ` (pg-boss ${pick(pg)}${unit}, graphile-worker ${pick(gw)}${unit})` : " (peer figures missing)"
   return {
@@ -353,10 +359,7 @@ export const main = async (args: ReadonlyArray<string>): Promise<void> => {
 
     // --- Report ---
     const verdicts = computeTargets(troupe, peers)
-    const bestPeer =
-      peers.pgboss !== undefined && peers.graphile !== undefined
-        ? Math.max(peers.pgboss.jobs_per_s, peers.graphile.jobs_per_s)
-        : undefined
+    const bestPeer = bestPeerJobsPerS(peers)
     const cell = (x: number | undefined, f: (x: number) => string) => (x === undefined ? "—" : f(x))
     const troupeCell = (x: number | undefined, f: (x: number) => string) =>
       x === undefined ? "not measured yet" : f(x)

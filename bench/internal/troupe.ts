@@ -144,7 +144,6 @@ export const measure = async (db: Db.BenchDatabase, ctx: Peers.Context) => {
     for (let i = 0; i < troupeSettings.throughput.workers; i++) {
       bws.push(yield* workerNode(`bench-bl${i}`, troupeSettings.throughput.max_concurrent, false))
     }
-    for (const bw of bws) bw.worker.wake()
     if (!(yield* Effect.promise(() => counter.until(backlogStart + ctx.sizes.throughputJobs, 120_000))))
       throw new Error("backlog: the workers did not drain it within 120 s")
     const backlog = {

@@ -2,7 +2,7 @@
  * Jobs and workers on the wire: what a client submits, what it gets back, and the errors
  * it can get. Schemas only: this module imports nothing but `effect`.
  */
-import { Schema } from "effect"
+import { Either, type ParseResult, Schema } from "effect"
 
 /** Where a job may run. */
 export const WorkerAffinity = Schema.Literal("strict", "preferred", "any")
@@ -29,24 +29,38 @@ export const isJobId = (id: string): boolean =>
 /** True when a job in this status is finished for good. */
 export const isTerminal = (status: string): boolean => terminalStatuses.includes(status as JobStatus)
 
-const Id = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200))
+const idMaxLength = 200
+const Id = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(idMaxLength))
+
+/** The bounds and defaults of a submission: `SubmitJob` and `decodeSubmitJobFast` both hold to these. */
+const submit = {
+  jobType: /^[A-Za-z0-9._:-]{1,100}$/,
+  callbackUrl: /^https?:\/\/\S+$/,
+  callbackUrlMaxLength: 2000,
+  priority: { min: -1000, max: 1000, default: 0 },
+  maxAttempts: { min: 1, max: 100, default: 3 },
+  timeoutSeconds: { min: 1, max: 7 * 24 * 3600 }
+} as const
+
+const IntIn = (range: { readonly min: number; readonly max: number }) =>
+  Schema.Int.pipe(Schema.between(range.min, range.max))
 
 /** A job submission. */
 export class SubmitJob extends Schema.Class<SubmitJob>("SubmitJob")({
   valet_task_id: Schema.optionalWith(Schema.NullOr(Id), { default: () => null }),
-  job_type: Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9._:-]{1,100}$/)),
+  job_type: Schema.String.pipe(Schema.pattern(submit.jobType)),
   payload: Schema.optionalWith(Schema.Unknown, { default: () => ({}) }),
   target_worker_id: Schema.optionalWith(Schema.NullOr(Id), { default: () => null }),
   worker_affinity: Schema.optionalWith(WorkerAffinity, { default: () => "any" as const }),
   callback_url: Schema.optionalWith(
-    Schema.NullOr(Schema.String.pipe(Schema.pattern(/^https?:\/\/\S+$/), Schema.maxLength(2000))),
+    Schema.NullOr(
+      Schema.String.pipe(Schema.pattern(submit.callbackUrl), Schema.maxLength(submit.callbackUrlMaxLength))
+    ),
     { default: () => null }
   ),
-  priority: Schema.optionalWith(Schema.Int.pipe(Schema.between(-1000, 1000)), { default: () => 0 }),
-  max_attempts: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 100)), { default: () => 3 }),
-  timeout_seconds: Schema.optionalWith(Schema.NullOr(Schema.Int.pipe(Schema.between(1, 7 * 24 * 3600))), {
-    default: () => null
-  })
+  priority: Schema.optionalWith(IntIn(submit.priority), { default: () => submit.priority.default }),
+  max_attempts: Schema.optionalWith(IntIn(submit.maxAttempts), { default: () => submit.maxAttempts.default }),
+  timeout_seconds: Schema.optionalWith(Schema.NullOr(IntIn(submit.timeoutSeconds)), { default: () => null })
 }) {}
 
 /** A job submission as `SubmitJob` decodes it, as a plain object. */
@@ -56,9 +70,12 @@ export type SubmitJobFields = Schema.Schema.Type<typeof SubmitJobStruct>
 export const SubmitJobStruct = Schema.Struct(SubmitJob.fields)
 
 const submitKeys: ReadonlySet<string | symbol> = new Set(Object.keys(SubmitJob.fields))
-const isId = (v: unknown): v is string => typeof v === "string" && v.length >= 1 && v.length <= 200
-const isIntIn = (v: unknown, min: number, max: number): v is number =>
-  typeof v === "number" && Number.isSafeInteger(v) && v >= min && v <= max
+const isId = (v: unknown): v is string => typeof v === "string" && v.length >= 1 && v.length <= idMaxLength
+const isIntIn = (v: unknown, range: { readonly min: number; readonly max: number }): v is number =>
+  typeof v === "number" && Number.isSafeInteger(v) && v >= range.min && v <= range.max
+const isAffinity = (v: unknown): v is WorkerAffinity => v === "strict" || v === "preferred" || v === "any"
+const isCallbackUrl = (v: unknown): v is string =>
+  typeof v === "string" && v.length <= submit.callbackUrlMaxLength && submit.callbackUrl.test(v)
 
 /**
  * The common submission, checked by hand: a plain object with only `SubmitJob`'s fields,
@@ -77,29 +94,14 @@ export const decodeSubmitJobFast = (input: unknown): SubmitJobFields | undefined
   const { valet_task_id, job_type, payload, target_worker_id, worker_affinity, callback_url } = i
   const { priority, max_attempts, timeout_seconds } = i
   if (has("valet_task_id") && valet_task_id !== null && !isId(valet_task_id)) return undefined
-  if (typeof job_type !== "string" || !/^[A-Za-z0-9._:-]{1,100}$/.test(job_type)) return undefined
+  if (typeof job_type !== "string" || !submit.jobType.test(job_type)) return undefined
   if (has("payload") && payload === undefined) return undefined
   if (has("target_worker_id") && target_worker_id !== null && !isId(target_worker_id)) return undefined
-  if (
-    has("worker_affinity") &&
-    worker_affinity !== "strict" &&
-    worker_affinity !== "preferred" &&
-    worker_affinity !== "any"
-  )
-    return undefined
-  if (
-    has("callback_url") &&
-    callback_url !== null &&
-    !(
-      typeof callback_url === "string" &&
-      callback_url.length <= 2000 &&
-      /^https?:\/\/\S+$/.test(callback_url)
-    )
-  )
-    return undefined
-  if (has("priority") && !isIntIn(priority, -1000, 1000)) return undefined
-  if (has("max_attempts") && !isIntIn(max_attempts, 1, 100)) return undefined
-  if (has("timeout_seconds") && timeout_seconds !== null && !isIntIn(timeout_seconds, 1, 7 * 24 * 3600))
+  if (has("worker_affinity") && !isAffinity(worker_affinity)) return undefined
+  if (has("callback_url") && callback_url !== null && !isCallbackUrl(callback_url)) return undefined
+  if (has("priority") && !isIntIn(priority, submit.priority)) return undefined
+  if (has("max_attempts") && !isIntIn(max_attempts, submit.maxAttempts)) return undefined
+  if (has("timeout_seconds") && timeout_seconds !== null && !isIntIn(timeout_seconds, submit.timeoutSeconds))
     return undefined
   return {
     valet_task_id: has("valet_task_id") ? (valet_task_id as string | null) : null,
@@ -108,10 +110,21 @@ export const decodeSubmitJobFast = (input: unknown): SubmitJobFields | undefined
     target_worker_id: has("target_worker_id") ? (target_worker_id as string | null) : null,
     worker_affinity: has("worker_affinity") ? (worker_affinity as WorkerAffinity) : "any",
     callback_url: has("callback_url") ? (callback_url as string | null) : null,
-    priority: has("priority") ? (priority as number) : 0,
-    max_attempts: has("max_attempts") ? (max_attempts as number) : 3,
+    priority: has("priority") ? (priority as number) : submit.priority.default,
+    max_attempts: has("max_attempts") ? (max_attempts as number) : submit.maxAttempts.default,
     timeout_seconds: has("timeout_seconds") ? (timeout_seconds as number | null) : null
   }
+}
+
+const decodeSubmitJobStruct = Schema.decodeUnknownEither(SubmitJobStruct)
+
+/**
+ * Decode a submission as `SubmitJob` does, excess properties refused: the common shape by
+ * hand (`decodeSubmitJobFast`), anything else by the schema, which also explains a refusal.
+ */
+export const decodeSubmitJob = (input: unknown): Either.Either<SubmitJobFields, ParseResult.ParseError> => {
+  const fast = decodeSubmitJobFast(input)
+  return fast !== undefined ? Either.right(fast) : decodeSubmitJobStruct(input, { onExcessProperty: "error" })
 }
 
 /** What a handler raises to ask for a human (`needs_human`). */

@@ -1024,7 +1024,6 @@ export interface JobRow {
   readonly finished_at: Date | null
 }
 
-/** The columns of a `Claimed` from `gh_automation_jobs j`. */
 /**
  * A live job's status test (`running` or `needs_human`, or the one given) for statements that
  * find jobs by id, written as a CASE so that the planner neither estimates it from the
@@ -1039,6 +1038,7 @@ const byId = (alias: string, only?: "running" | "needs_human") =>
     `(CASE WHEN ${alias}.status IN (${only === undefined ? "'running', 'needs_human'" : `'${only}'`}) THEN true ELSE false END)`
   )
 
+/** The columns of a `Claimed` from `gh_automation_jobs j`. */
 const claimedColumns = Statement.unsafeFragment(
   "j.id::text AS id, j.job_type, j.payload, j.attempts, j.timeout_seconds, j.worker_affinity, j.target_worker_id, j.valet_task_id, j.cost"
 )

@@ -14,7 +14,7 @@ import {
   Conflict,
   DeregisterRequest,
   type DeregisterResult,
-  decodeSubmitJobFast,
+  decodeSubmitJob,
   InvalidRequest,
   isJobId,
   isTerminal,
@@ -23,7 +23,6 @@ import {
   RequestTimeout,
   Resolution,
   type SubmitJobFields,
-  SubmitJobStruct,
   WorkerUnavailable
 } from "../protocol/Jobs.ts"
 import { describe } from "./Database.ts"
@@ -92,8 +91,6 @@ export interface JobEvent {
   readonly created_at: string
 }
 
-const decodeSubmitJob = Schema.decodeUnknownEither(SubmitJobStruct)
-
 /** The job service of this process. */
 export class Jobs extends Context.Tag("troupe/runtime/Jobs")<Jobs, JobService>() {}
 
@@ -110,20 +107,11 @@ export const make = (
     const scope = yield* Effect.scope
     const persistence = (e: unknown) => new PersistenceError({ reason: describe(e) })
 
+    const invalid = (e: ParseResult.ParseError) =>
+      new InvalidRequest({ reason: ParseResult.TreeFormatter.formatErrorSync(e) })
     const decode = <A, I>(schema: Schema.Schema<A, I, never>, input: unknown) =>
-      Schema.decodeUnknown(schema)(input, { onExcessProperty: "error" }).pipe(
-        Effect.mapError((e) => new InvalidRequest({ reason: ParseResult.TreeFormatter.formatErrorSync(e) }))
-      )
-
-    /** A submission: the common shape checked by hand, anything else by `SubmitJob`'s schema. */
-    const decodeSubmit = (input: unknown): Either.Either<SubmitJobFields, InvalidRequest> => {
-      const fast = decodeSubmitJobFast(input)
-      if (fast !== undefined) return Either.right(fast)
-      return Either.mapLeft(
-        decodeSubmitJob(input, { onExcessProperty: "error" }),
-        (e) => new InvalidRequest({ reason: ParseResult.TreeFormatter.formatErrorSync(e) })
-      )
-    }
+      Schema.decodeUnknown(schema)(input, { onExcessProperty: "error" }).pipe(Effect.mapError(invalid))
+    const decodeSubmit = (input: unknown) => Either.mapLeft(decodeSubmitJob(input), invalid)
 
     const checkId = (jobId: string) =>
       isJobId(jobId)

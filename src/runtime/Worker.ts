@@ -180,14 +180,6 @@ export const make = (
       seen.add(`${id}:${epoch}`)
       if (seen.size > seenLimit) seen.delete(seen.values().next().value!)
     }
-    // Attempts that ran here and were cancelled, newest last: a routed cancel that arrives
-    // after the pushed cancel already ended the run gets its answer from here.
-    const ended = new Map<string, JobActor.JobState>()
-    const remember = (jobId: string, final: JobActor.JobState) => {
-      ended.delete(jobId)
-      ended.set(jobId, final)
-      if (ended.size > seenLimit) ended.delete(ended.keys().next().value!)
-    }
     const startNow = Runtime.runFork(yield* Effect.runtime<never>())
     const onNodeJobs = (payload: string) => {
       const pushed = JobStorage.parsePushed(payload)
@@ -212,12 +204,15 @@ export const make = (
     }
     /**
      * A cancel pushed ahead of its routed request (`JobStorage.cancelOrLocate`): interrupt
-     * the attempt now, as `cancel` would; the routed request that follows gets the answer.
+     * the attempt now, as `cancel` would. The routed request that follows gets the answer: a
+     * `Conflict` naming `cancelled` once the run has ended, which `Jobs.cancel` answers as done.
      */
-    const cancelNow = (push: JobStorage.CancelPush) => {
-      const run = runs.get(push.id)
-      if (run === undefined || run.epoch !== push.attempts || run.fiber === undefined) return
-      stopRun(run, { _tag: "Cancel", reason: push.reason })
+    const cancelNow = (push: JobStorage.CancelPush) =>
+      stopAttempt(push.id, push.attempts, { _tag: "Cancel", reason: push.reason })
+    /** Stop this attempt's handler, if it runs here (`stopRun`). */
+    const stopAttempt = (jobId: string, epoch: number, stop: Stop) => {
+      const run = runs.get(jobId)
+      if (run !== undefined && run.epoch === epoch && run.fiber !== undefined) stopRun(run, stop)
     }
     /**
      * Stop a run's handler for this reason (the first reason given stands). A fiber
@@ -565,7 +560,6 @@ export const make = (
             wake()
             if (run.timer !== undefined) yield* disarm(run)
             const final = yield* conclude(run, exit)
-            if (final.status === "cancelled") remember(run.id, final)
             run.final = final
             if (run.outcome !== undefined) yield* Deferred.succeed(run.outcome, final)
           })
@@ -621,11 +615,7 @@ export const make = (
 
     /** Stop the handler of this attempt, if it runs here, without writing: the row is not ours. */
     const loseRun = (jobId: string, epoch: number) =>
-      Effect.suspend(() => {
-        const run = runs.get(jobId)
-        if (run === undefined || run.epoch !== epoch || run.fiber === undefined) return Effect.void
-        return Effect.sync(() => stopRun(run, { _tag: "Lost" }))
-      })
+      Effect.sync(() => stopAttempt(jobId, epoch, { _tag: "Lost" }))
 
     const lending = () => state === "active" && !stopping
 
@@ -648,12 +638,12 @@ export const make = (
       }
     })
 
-    // Jobs handed over by submits: start each attempt once.
     // Offers spent by jobs started from their NOTIFY, not yet taken off `offered`: the claim
     // loop does that (`step`), after the bookkeeping of the claim that lent them, which its
     // reply may bring after the NOTIFY. Until then the slot counts twice (busy and offered),
     // so a claim asks for less, never more.
     let spent = 0
+    /** Start jobs handed over by submits, each attempt once (`direct`: from its NOTIFY). */
     const adopt = (items: ReadonlyArray<JobStorage.Pushed>, direct = false) =>
       Effect.gen(function* () {
         const rows: Array<JobStorage.Claimed> = []
@@ -753,9 +743,6 @@ export const make = (
     const cancel = (jobId: string, reason: string): Effect.Effect<JobActor.JobState, Conflict | NotFound> =>
       Effect.gen(function* () {
         const run = runs.get(jobId)
-        // Its pushed cancel (or another cancel) got here first and the run has ended.
-        const done = ended.get(jobId)
-        if (run === undefined && done?.status === "cancelled") return done
         if (run === undefined || run.fiber === undefined) return yield* cancelOrphan(jobId, reason)
         stopRun(run, { _tag: "Cancel", reason })
         const final = yield* endOf(run)
