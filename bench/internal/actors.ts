@@ -2,7 +2,7 @@
  * Actor kinds of the benchmarks: small on purpose, so that what is measured is the runtime.
  */
 import { Effect, Schema } from "effect"
-import * as Actor from "../../src/runtime/Actor.ts"
+import * as Actor from "../../src/runtime/core/Actor.ts"
 
 /** A numbered message carrying the sender's `performance.now()` at the call of `tell`. */
 export class Ping extends Schema.TaggedRequest<Ping>()("Ping", {

@@ -11,8 +11,8 @@ import type { SqlClient } from "@effect/sql"
 import type { PgClient } from "@effect/sql-pg"
 import { Effect, Exit, Layer, Scope } from "effect"
 import pg from "pg"
-import * as Database from "../../src/runtime/Database.ts"
-import * as EmbeddedPostgres from "../../src/runtime/EmbeddedPostgres.ts"
+import * as Database from "../../src/runtime/db/Database.ts"
+import * as EmbeddedPostgres from "../../src/runtime/db/EmbeddedPostgres.ts"
 
 /** A benchmark database. */
 export interface BenchDatabase {

@@ -12,9 +12,9 @@
  */
 import { NodeRuntime } from "@effect/platform-node"
 import { Effect, Schema } from "effect"
-import * as JobHandler from "../../src/runtime/JobHandler.ts"
-import * as Node from "../../src/runtime/Node.ts"
-import * as Worker from "../../src/runtime/Worker.ts"
+import * as JobHandler from "../../src/runtime/jobs/JobHandler.ts"
+import * as Node from "../../src/runtime/core/Node.ts"
+import * as Worker from "../../src/actors/Worker.ts"
 import { clientLayer } from "./db.ts"
 
 const url = process.env.TROUPE_BENCH_URL

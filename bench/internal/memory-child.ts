@@ -18,7 +18,7 @@
 import * as v8 from "node:v8"
 import { SqlClient } from "@effect/sql"
 import { Effect, Layer, Schedule } from "effect"
-import * as Node from "../../src/runtime/Node.ts"
+import * as Node from "../../src/runtime/core/Node.ts"
 import { Tiny, Touch } from "./actors.ts"
 import { clientLayer } from "./db.ts"
 

@@ -13,7 +13,7 @@
 import { SqlClient } from "@effect/sql"
 import { Effect, Layer } from "effect"
 import pg from "pg"
-import * as MailboxStorage from "../../src/runtime/MailboxStorage.ts"
+import * as MailboxStorage from "../../src/runtime/core/MailboxStorage.ts"
 import * as Db from "./db.ts"
 import { round, summarize } from "./stats.ts"
 

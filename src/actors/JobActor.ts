@@ -6,7 +6,7 @@
  */
 import { Effect, Schema } from "effect"
 import { Conflict, NotFound, Resolution } from "../protocol/Jobs.ts"
-import * as Actor from "../runtime/Actor.ts"
+import * as Actor from "../runtime/core/Actor.ts"
 
 /** Re-exported from the protocol. */
 import { JobState } from "../protocol/Jobs.ts"

@@ -5,7 +5,7 @@
  */
 import { Effect, Schema } from "effect"
 import { DeregisterResult } from "../protocol/Jobs.ts"
-import * as Actor from "../runtime/Actor.ts"
+import * as Actor from "../runtime/core/Actor.ts"
 
 /** Re-exported from the protocol. */
 import { WorkerState } from "../protocol/Jobs.ts"

@@ -9,7 +9,7 @@
 import { SqlClient } from "@effect/sql"
 import { describe, expect, layer } from "@effect/vitest"
 import { Effect, Redacted } from "effect"
-import * as Database from "../../src/runtime/Database.ts"
+import * as Database from "../../src/runtime/db/Database.ts"
 import * as Db from "../fixtures/Db.ts"
 import * as Processes from "../fixtures/Processes.ts"
 import { connect, eventsOf, type Frame, type WsClient } from "../fixtures/Ws.ts"

@@ -10,7 +10,7 @@ import * as Net from "node:net"
 import * as Path from "node:path"
 import { describe, expect, layer } from "@effect/vitest"
 import { Effect, Redacted } from "effect"
-import * as Database from "../../src/runtime/Database.ts"
+import * as Database from "../../src/runtime/db/Database.ts"
 import * as Db from "../fixtures/Db.ts"
 import * as Processes from "../fixtures/Processes.ts"
 

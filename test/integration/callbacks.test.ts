@@ -13,8 +13,8 @@ import {
 } from "effect"
 import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
-import * as CallbackDispatcher from "../../src/runtime/CallbackDispatcher.ts"
-import * as Node from "../../src/runtime/Node.ts"
+import * as CallbackDispatcher from "../../src/runtime/jobs/CallbackDispatcher.ts"
+import * as Node from "../../src/runtime/core/Node.ts"
 import * as Db from "../fixtures/Db.ts"
 
 // --- A real HTTP server that records what it receives ---

@@ -4,7 +4,7 @@ import { Deferred, Effect, Fiber, Queue } from "effect"
 import * as Crypto from "node:crypto"
 import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
-import * as CallbackDispatcher from "../../src/runtime/CallbackDispatcher.ts"
+import * as CallbackDispatcher from "../../src/runtime/jobs/CallbackDispatcher.ts"
 import * as Db from "../fixtures/Db.ts"
 import {
   command,
@@ -19,7 +19,7 @@ import {
   statusIs,
   statusOf
 } from "../fixtures/Jobs.ts"
-import * as JobStorage from "../../src/runtime/JobStorage.ts"
+import * as JobStorage from "../../src/runtime/jobs/JobStorage.ts"
 
 const eventsOf = (jobId: string) =>
   Effect.flatMap(

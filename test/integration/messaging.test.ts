@@ -1,8 +1,8 @@
 import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
 import { Effect, Schedule } from "effect"
-import * as Node from "../../src/runtime/Node.ts"
-import { NodeIdInUse } from "../../src/runtime/NodeMembership.ts"
+import * as Node from "../../src/runtime/core/Node.ts"
+import { NodeIdInUse } from "../../src/runtime/core/NodeMembership.ts"
 import * as Db from "../fixtures/Db.ts"
 import {
   Add,

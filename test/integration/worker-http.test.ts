@@ -6,7 +6,7 @@ import * as Net from "node:net"
 import pg from "pg"
 import packageJson from "../../package.json" with { type: "json" }
 import * as WorkerActor from "../../src/actors/WorkerActor.ts"
-import * as WorkerHttp from "../../src/runtime/WorkerHttp.ts"
+import * as WorkerHttp from "../../src/edge/WorkerHttp.ts"
 import * as Db from "../fixtures/Db.ts"
 import {
   command,

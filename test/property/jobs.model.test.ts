@@ -16,7 +16,7 @@ import { SqlClient } from "@effect/sql"
 import { Deferred, Effect, Exit, Runtime, Scope } from "effect"
 import * as fc from "fast-check"
 import * as Crypto from "node:crypto"
-import type { DatabaseUrls } from "../../src/runtime/Database.ts"
+import type { DatabaseUrls } from "../../src/runtime/db/Database.ts"
 import * as Db from "../fixtures/Db.ts"
 import { command, eventually, slot, startGateway, startWorker, type WorkerNode } from "../fixtures/Jobs.ts"
 

@@ -2,7 +2,7 @@ import { describe, expect, it } from "@effect/vitest"
 import { Schema } from "effect"
 import fc from "fast-check"
 import { ActorId, NodeId, actorId, parseActorId } from "../../src/protocol/Ids.ts"
-import { lockKey } from "../../src/runtime/NodeMembership.ts"
+import { lockKey } from "../../src/runtime/core/NodeMembership.ts"
 
 describe("ids", () => {
   it("an actor id splits back into its kind and key, whatever the key holds", () => {

@@ -25,10 +25,10 @@ import * as Http from "node:http"
 import type { Duplex } from "node:stream"
 import { type WebSocket, WebSocketServer } from "ws"
 import * as Edge from "../protocol/Edge.ts"
-import { DeploymentConfig, listenHost, listenPort, secretFile } from "./Config.ts"
-import type * as EventStream from "./EventStream.ts"
+import { DeploymentConfig, listenHost, listenPort, secretFile } from "../runtime/Config.ts"
+import type * as EventStream from "../runtime/jobs/EventStream.ts"
 import type { JobService } from "./Jobs.ts"
-import * as Monitoring from "./Monitoring.ts"
+import * as Monitoring from "../runtime/jobs/Monitoring.ts"
 import * as Rest from "./Rest.ts"
 
 /** How a gateway listens and protects itself. */

@@ -25,8 +25,8 @@ import {
   Schedule,
   type Scope
 } from "effect"
-import * as JobActor from "../actors/JobActor.ts"
-import * as WorkerActor from "../actors/WorkerActor.ts"
+import * as JobActor from "./JobActor.ts"
+import * as WorkerActor from "./WorkerActor.ts"
 import {
   Conflict,
   type DeregisterResult,
@@ -36,9 +36,9 @@ import {
   NotFound,
   type Resolution
 } from "../protocol/Jobs.ts"
-import * as JobHandler from "./JobHandler.ts"
-import * as JobStorage from "./JobStorage.ts"
-import type { TroupeNode } from "./Node.ts"
+import * as JobHandler from "../runtime/jobs/JobHandler.ts"
+import * as JobStorage from "../runtime/jobs/JobStorage.ts"
+import type { TroupeNode } from "../runtime/core/Node.ts"
 
 /** Options of a worker. */
 export interface Options {

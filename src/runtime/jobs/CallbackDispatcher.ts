@@ -29,8 +29,8 @@ import {
   type ConfigError,
   type Scope
 } from "effect"
-import { describe } from "./Database.ts"
-import * as Node from "./Node.ts"
+import { describe } from "../db/Database.ts"
+import * as Node from "../core/Node.ts"
 
 /** The default wait before each retry: 10 s, 20 s, 30 s (four attempts in all). */
 export const defaultRetryDelays: ReadonlyArray<Duration.Duration> = [

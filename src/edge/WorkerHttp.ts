@@ -20,9 +20,9 @@ import { Cause, Config, Duration, Effect, Option, Redacted, Schema, type Scope }
 import * as Http from "node:http"
 import packageJson from "../../package.json" with { type: "json" }
 import { type ErrorCode, Health, RestError, WorkerHealth, WorkerStatus } from "../protocol/Edge.ts"
-import { DeploymentConfig, listenHost, listenPort } from "./Config.ts"
+import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
 import { sameSecret } from "./Rest.ts"
-import type { Worker } from "./Worker.ts"
+import type { Worker } from "../actors/Worker.ts"
 
 /** Options of a worker node's HTTP server. */
 export interface Options {

@@ -6,12 +6,12 @@
  */
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
-import type { MonitoredWorker } from "../protocol/Edge.ts"
-import { PersistenceError } from "../protocol/Errors.ts"
-import { JobStatus } from "../protocol/Jobs.ts"
-import { describe } from "./Database.ts"
-import * as Histogram from "./Histogram.ts"
-import { aliveSql } from "./NodeMembership.ts"
+import type { MonitoredWorker } from "../../protocol/Edge.ts"
+import { PersistenceError } from "../../protocol/Errors.ts"
+import { JobStatus } from "../../protocol/Jobs.ts"
+import { describe } from "../db/Database.ts"
+import * as Histogram from "../core/Histogram.ts"
+import { aliveSql } from "../core/NodeMembership.ts"
 
 /** The monitoring queries. */
 export interface Monitoring {

@@ -25,9 +25,9 @@ import {
   type SubmitJobFields,
   WorkerUnavailable
 } from "../protocol/Jobs.ts"
-import { describe } from "./Database.ts"
-import * as JobStorage from "./JobStorage.ts"
-import type { TroupeNode } from "./Node.ts"
+import { describe } from "../runtime/db/Database.ts"
+import * as JobStorage from "../runtime/jobs/JobStorage.ts"
+import type { TroupeNode } from "../runtime/core/Node.ts"
 
 /** Options of the job service. */
 export interface Options {

@@ -20,11 +20,11 @@
 import { SqlClient } from "@effect/sql"
 import type { SqlError } from "@effect/sql/SqlError"
 import { Deferred, Duration, Effect, Exit, Queue, Schema, type Scope } from "effect"
-import { EventId, type EventRecord } from "../protocol/Edge.ts"
-import { PersistenceError } from "../protocol/Errors.ts"
-import { InvalidRequest, isJobId, NotFound } from "../protocol/Jobs.ts"
-import { describe, runHot } from "./Database.ts"
-import type { TroupeNode } from "./Node.ts"
+import { EventId, type EventRecord } from "../../protocol/Edge.ts"
+import { PersistenceError } from "../../protocol/Errors.ts"
+import { InvalidRequest, isJobId, NotFound } from "../../protocol/Jobs.ts"
+import { describe, runHot } from "../db/Database.ts"
+import type { TroupeNode } from "../core/Node.ts"
 
 /** The NOTIFY channel the insert triggers of both event tables wake the tails on. */
 export const channel = "events:new"

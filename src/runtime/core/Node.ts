@@ -35,7 +35,7 @@ import {
 import * as Crypto from "node:crypto"
 import type * as Actor from "./Actor.ts"
 import * as ActorRegistry from "./ActorRegistry.ts"
-import { DatabaseUrls, describe, makePreparedPool, type PreparedPool } from "./Database.ts"
+import { DatabaseUrls, describe, makePreparedPool, type PreparedPool } from "../db/Database.ts"
 import { routingLatency } from "./Histogram.ts"
 import * as MailboxStorage from "./MailboxStorage.ts"
 import * as NodeMembership from "./NodeMembership.ts"
@@ -49,14 +49,14 @@ import {
   PersistenceError,
   ReplyBody,
   type RuntimeError
-} from "../protocol/Errors.ts"
+} from "../../protocol/Errors.ts"
 import {
   type ActorId,
   actorId as makeActorId,
   nodeChannel,
   parseActorId,
   registryChannel
-} from "../protocol/Ids.ts"
+} from "../../protocol/Ids.ts"
 
 /** Options of a node. */
 export interface Options {

@@ -12,8 +12,8 @@
  */
 import { SqlClient } from "@effect/sql"
 import { Effect, Either, Schema } from "effect"
-import { type PreparedPool, runHot } from "./Database.ts"
-import { nodeChannel } from "../protocol/Ids.ts"
+import { type PreparedPool, runHot } from "../db/Database.ts"
+import { nodeChannel } from "../../protocol/Ids.ts"
 
 /** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
 export interface OutboundRow {

@@ -17,7 +17,7 @@
  * interruption (a cancel) stops it wherever it is, running its finalizers.
  */
 import { Context, Data, Effect, Schema, ParseResult } from "effect"
-import type { Interaction, Resolution } from "../protocol/Jobs.ts"
+import type { Interaction, Resolution } from "../../protocol/Jobs.ts"
 
 /** A handler's own failure: the job fails with this code and message. */
 export class JobError extends Data.TaggedError("JobError")<{

@@ -8,7 +8,7 @@
 import { SqlClient } from "@effect/sql"
 import { Duration, Effect, type Scope } from "effect"
 import * as JobStorage from "./JobStorage.ts"
-import { aliveSql } from "./NodeMembership.ts"
+import { aliveSql } from "../core/NodeMembership.ts"
 
 /** Options of the reaper. */
 export interface Options {

@@ -31,10 +31,10 @@ import {
   Resolution,
   SubmitJob
 } from "../protocol/Jobs.ts"
-import type { EventStream } from "./EventStream.ts"
+import type { EventStream } from "../runtime/jobs/EventStream.ts"
 import type { JobService } from "./Jobs.ts"
-import type { Monitoring } from "./Monitoring.ts"
-import { gauge } from "./Monitoring.ts"
+import type { Monitoring } from "../runtime/jobs/Monitoring.ts"
+import { gauge } from "../runtime/jobs/Monitoring.ts"
 
 /** What the REST routes need. */
 export interface RestOptions {

@@ -5,7 +5,7 @@
  */
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
-import { nodeChannel, registryChannel } from "../protocol/Ids.ts"
+import { nodeChannel, registryChannel } from "../../protocol/Ids.ts"
 
 /** Where an actor lives. */
 export interface Placement {

@@ -3,7 +3,7 @@
  * use it to check routing end to end (`troupe inspect send probe:<node> '{"_tag":"Ping","text":"hi"}' --ask`).
  */
 import { Effect, Schema } from "effect"
-import * as Actor from "../runtime/Actor.ts"
+import * as Actor from "../runtime/core/Actor.ts"
 
 /** Answer with the text, the node that handled it and when. */
 export class Ping extends Schema.TaggedRequest<Ping>()("Ping", {

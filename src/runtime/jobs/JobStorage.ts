@@ -10,9 +10,9 @@
 import { SqlClient } from "@effect/sql"
 import * as Statement from "@effect/sql/Statement"
 import { Duration, Effect } from "effect"
-import type { Interaction, Job, SubmitJob } from "../protocol/Jobs.ts"
-import { type PreparedPool, runHot } from "./Database.ts"
-import { aliveSql } from "./NodeMembership.ts"
+import type { Interaction, Job, SubmitJob } from "../../protocol/Jobs.ts"
+import { type PreparedPool, runHot } from "../db/Database.ts"
+import { aliveSql } from "../core/NodeMembership.ts"
 
 /** The NOTIFY channel workers of a node listen on for targeted jobs. */
 export const nodeJobsChannel = (nodeId: string): string => `jobs:${nodeId}`

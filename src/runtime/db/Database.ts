@@ -11,7 +11,7 @@ import * as Path from "node:path"
 import pg from "pg"
 import * as EmbeddedPostgres from "./EmbeddedPostgres.ts"
 import * as Migrations from "./Migrations.ts"
-import { PersistenceError } from "../protocol/Errors.ts"
+import { PersistenceError } from "../../protocol/Errors.ts"
 
 /** Where the database is: the pooled URL for queries and the direct one for LISTEN and locks. */
 export class DatabaseUrls extends Context.Tag("troupe/runtime/DatabaseUrls")<

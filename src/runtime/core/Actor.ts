@@ -9,7 +9,7 @@
  * itself from its rows on activation.
  */
 import { Duration, type Effect, type Schema, type Scope } from "effect"
-import { type ActorId, actorId } from "../protocol/Ids.ts"
+import { type ActorId, actorId } from "../../protocol/Ids.ts"
 
 /** When and how a crashed actor is restarted. */
 export interface RestartPolicy {
