@@ -35,7 +35,7 @@ import * as JobHandler from "../src/runtime/jobs/JobHandler.ts"
 import * as Jobs from "../src/edge/Jobs.ts"
 import * as Node from "../src/runtime/core/Node.ts"
 import * as Reaper from "../src/runtime/jobs/Reaper.ts"
-import * as Worker from "../src/actors/Worker.ts"
+import * as Worker from "../src/actors/WorkerActor.ts"
 import * as Db from "./internal/db.ts"
 import {
   type Deliveries,

@@ -14,7 +14,7 @@ import { NodeRuntime } from "@effect/platform-node"
 import { Effect, Schema } from "effect"
 import * as JobHandler from "../../src/runtime/jobs/JobHandler.ts"
 import * as Node from "../../src/runtime/core/Node.ts"
-import * as Worker from "../../src/actors/Worker.ts"
+import * as Worker from "../../src/actors/WorkerActor.ts"
 import { clientLayer } from "./db.ts"
 
 const url = process.env.TROUPE_BENCH_URL

@@ -25,7 +25,8 @@ import {
   type SubmitJobFields,
   WorkerUnavailable
 } from "../protocol/Jobs.ts"
-import { describe } from "../runtime/db/Database.ts"
+import { anyJobsChannel } from "../protocol/Notifications.ts"
+import { refail } from "../runtime/db/Persistence.ts"
 import * as JobStorage from "../runtime/jobs/JobStorage.ts"
 import type { TroupeNode } from "../runtime/core/Node.ts"
 
@@ -67,10 +68,6 @@ export interface JobService {
   readonly cancel: (jobId: string, reason?: string) => Effect.Effect<JobState, JobRequestError>
   readonly resume: (jobId: string, input: unknown) => Effect.Effect<JobState, JobRequestError>
   readonly get: (jobId: string) => Effect.Effect<Job, NotFound | InvalidRequest | PersistenceError>
-  readonly events: (
-    jobId: string,
-    sinceId?: string
-  ) => Effect.Effect<ReadonlyArray<JobEvent>, NotFound | InvalidRequest | PersistenceError>
   readonly drain: (
     workerId: string,
     reason?: string
@@ -78,17 +75,6 @@ export interface JobService {
   readonly deregister: (
     input: unknown
   ) => Effect.Effect<DeregisterResult, NotFound | InvalidRequest | RequestTimeout | PersistenceError>
-}
-
-/** A row of `gh_job_events`. */
-export interface JobEvent {
-  readonly id: string
-  readonly job_id: string
-  readonly event_type: string
-  readonly message: string
-  readonly actor: string | null
-  readonly metadata: unknown
-  readonly created_at: string
 }
 
 /** The job service of this process. */
@@ -105,7 +91,6 @@ export const make = (
     const preferredWaitMs = Duration.toMillis(options.preferredWait ?? "2 seconds")
     const askTimeout = Duration.decode(options.askTimeout ?? "10 seconds")
     const scope = yield* Effect.scope
-    const persistence = (e: unknown) => new PersistenceError({ reason: describe(e) })
 
     const invalid = (e: ParseResult.ParseError) =>
       new InvalidRequest({ reason: ParseResult.TreeFormatter.formatErrorSync(e) })
@@ -118,34 +103,50 @@ export const make = (
         ? Effect.void
         : Effect.fail(new InvalidRequest({ reason: `job id "${jobId.slice(0, 80)}" is not a uuid` }))
 
-    /** Map what an ask can fail with onto the service's errors. */
-    const fromAsk =
-      (target: string, jobId?: string) =>
-      <A>(self: Effect.Effect<A, unknown>): Effect.Effect<A, JobRequestError> =>
-        Effect.catchAll(self, (error): Effect.Effect<A, JobRequestError> => {
-          const e = error as Conflict | NotFound | RuntimeError
-          switch (e._tag) {
-            case "Conflict":
-            case "NotFound":
-              return Effect.fail(e)
-            case "AskTimeout":
-              return Effect.fail(new RequestTimeout({ target, timeout_ms: e.timeoutMs }))
-            case "ActorNotFound":
-              if (jobId === undefined) return Effect.fail(new NotFound({ what: "actor", id: e.actorId }))
-              // The job ended (its actor left the registry) between our read and our ask.
-              return Effect.flatMap(
-                Effect.orElseSucceed(storage.owner(jobId), () => undefined),
-                (now) =>
-                  Effect.fail(
-                    now === undefined
-                      ? new NotFound({ what: "job", id: jobId })
-                      : new Conflict({ job_id: jobId, status: now.status, reason: "it ended meanwhile" })
-                  )
+    /** What the runtime may fail an ask with, as the service's errors. */
+    const fromRuntime = (
+      target: string,
+      e: Exclude<RuntimeError, PersistenceError>,
+      jobId?: string
+    ): Effect.Effect<never, NotFound | Conflict | RequestTimeout | PersistenceError> => {
+      switch (e._tag) {
+        case "AskTimeout":
+          return Effect.fail(new RequestTimeout({ target, timeout_ms: e.timeoutMs }))
+        case "ActorNotFound":
+          if (jobId === undefined) return Effect.fail(new NotFound({ what: "actor", id: e.actorId }))
+          // The job ended (its actor left the registry) between our read and our ask.
+          return Effect.flatMap(
+            Effect.orElseSucceed(storage.owner(jobId), () => undefined),
+            (now) =>
+              Effect.fail(
+                now === undefined
+                  ? new NotFound({ what: "job", id: jobId })
+                  : new Conflict({ job_id: jobId, status: now.status, reason: "it ended meanwhile" })
               )
-            default:
-              return Effect.fail(new PersistenceError({ reason: (e as Error).message ?? String(e) }))
-          }
-        })
+          )
+        default:
+          // MailboxFull, MalformedMessage, ActorFailed: the runtime could not run the request.
+          return Effect.fail(new PersistenceError({ reason: e.message }))
+      }
+    }
+
+    /** An ask to a job's actor, its failures as the service's errors. */
+    const askJob = <A>(
+      jobId: string,
+      self: Effect.Effect<A, Conflict | NotFound | PersistenceError | RuntimeError>
+    ): Effect.Effect<A, Conflict | NotFound | RequestTimeout | PersistenceError> =>
+      Effect.catchIf(self, isRuntimeOnly, (e) => fromRuntime(`the node holding job ${jobId}`, e, jobId))
+
+    /** An ask to a worker's actor, its failures as the service's errors. */
+    const askWorker = <A>(
+      workerId: string,
+      self: Effect.Effect<A, PersistenceError | RuntimeError>
+    ): Effect.Effect<A, NotFound | RequestTimeout | PersistenceError> =>
+      Effect.catchIf(self, isRuntimeOnly, (e) =>
+        Effect.catchTag(fromRuntime(`worker ${workerId}`, e), "Conflict", () =>
+          Effect.fail(new NotFound({ what: "worker", id: workerId }))
+        )
+      )
 
     const submit = (input: unknown) =>
       Effect.gen(function* () {
@@ -155,9 +156,9 @@ export const make = (
             reason: `worker_affinity "${job.worker_affinity}" needs a target_worker_id`
           })
         }
-        const row = yield* storage.insert(job, preferredWaitMs).pipe(Effect.mapError(persistence))
+        const row = yield* storage.insert(job, preferredWaitMs)
         if (row === undefined) {
-          const t = yield* storage.targetState(job.target_worker_id!).pipe(Effect.mapError(persistence))
+          const t = yield* storage.targetState(job.target_worker_id!)
           return yield* new WorkerUnavailable({
             target_worker_id: job.target_worker_id!,
             reason: !t.exists
@@ -172,7 +173,7 @@ export const make = (
         if (job.worker_affinity === "preferred" && preferredWaitMs > 0 && row.status === "queued") {
           // When the target does not take it in time, everyone is woken to.
           yield* storage
-            .notify(JobStorage.anyJobsChannel, row.id)
+            .notify(anyJobsChannel, row.id)
             .pipe(Effect.delay(Duration.millis(preferredWaitMs + 5)), Effect.ignore, Effect.forkIn(scope))
         }
         return JobStorage.toJob(row)
@@ -209,17 +210,17 @@ export const make = (
                     slice.map((i) => decoded[i]!),
                     preferredWaitMs
                   )
-                  .pipe(Effect.mapError(persistence))
+                  
                 rows.forEach((row, n) => {
                   out[slice[n]!] = JobStorage.toJob(row)
                 })
               }
             })
           )
-          .pipe(Effect.catchTag("SqlError", (e) => Effect.fail(persistence(e))))
+          .pipe(refail)
         if (loose.some((i) => decoded[i]!.worker_affinity === "preferred") && preferredWaitMs > 0) {
           yield* storage
-            .notify(JobStorage.anyJobsChannel, "opened")
+            .notify(anyJobsChannel, "opened")
             .pipe(Effect.delay(Duration.millis(preferredWaitMs + 5)), Effect.ignore, Effect.forkIn(scope))
         }
         return out
@@ -231,7 +232,7 @@ export const make = (
     ): Effect.Effect<JobState, JobRequestError> =>
       Effect.gen(function* () {
         yield* checkId(jobId)
-        const owner = yield* storage.cancelOrLocate(jobId, reason).pipe(Effect.mapError(persistence))
+        const owner = yield* storage.cancelOrLocate(jobId, reason)
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
         if (owner.cancelled) return { job_id: jobId, status: "cancelled", worker_id: null, node_id: node.id }
         if ((owner.status === "running" || owner.status === "needs_human") && !owner.alive) {
@@ -245,7 +246,7 @@ export const make = (
               message: `Cancelled (its worker ${owner.worker_id ?? "?"} is gone): ${reason}`,
               metadata: { worker_id: owner.worker_id, node_id: owner.node_id, reason }
             })
-            .pipe(Effect.mapError(persistence))
+            
           if (written) {
             return {
               job_id: jobId,
@@ -261,10 +262,10 @@ export const make = (
         }
         if (owner.status === "queued") return yield* cancel(jobId, reason)
         return yield* node
-          .ref(JobActor.kind(noRuns), jobId)
+          .ref(JobActor.JobActor, jobId)
           .ask(new JobActor.Cancel({ reason }), { timeout: askTimeout })
           .pipe(
-            fromAsk(`the node holding job ${jobId}`, jobId),
+            (ask) => askJob(jobId, ask),
             // The cancel pushed with the lookup ended the run before this request reached it.
             Effect.catchIf(
               (e) => e._tag === "Conflict" && e.status === "cancelled",
@@ -283,7 +284,7 @@ export const make = (
       Effect.gen(function* () {
         yield* checkId(jobId)
         const resolution = yield* decode(Resolution, input)
-        const owner = yield* storage.owner(jobId).pipe(Effect.mapError(persistence))
+        const owner = yield* storage.owner(jobId)
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
         if (owner.status !== "needs_human") {
           return yield* new Conflict({
@@ -300,31 +301,22 @@ export const make = (
           })
         }
         return yield* node
-          .ref(JobActor.kind(noRuns), jobId)
+          .ref(JobActor.JobActor, jobId)
           .ask(new JobActor.Resume({ resolution }), { timeout: askTimeout })
-          .pipe(fromAsk(`the node holding job ${jobId}`, jobId))
+          .pipe((ask) => askJob(jobId, ask))
       })
 
     const get = (jobId: string) =>
       Effect.gen(function* () {
         yield* checkId(jobId)
-        const job = yield* storage.get(jobId).pipe(Effect.mapError(persistence))
+        const job = yield* storage.get(jobId)
         if (job === undefined) return yield* new NotFound({ what: "job", id: jobId })
         return job
       })
 
-    const events = (jobId: string, sinceId = "0") =>
-      Effect.gen(function* () {
-        yield* get(jobId)
-        if (!/^\d{1,18}$/.test(sinceId))
-          return yield* new InvalidRequest({ reason: "since_event_id must be a number" })
-        const rows = yield* storage.events(jobId, sinceId).pipe(Effect.mapError(persistence))
-        return rows.map((r) => ({ ...r, created_at: r.created_at.toISOString() }))
-      })
-
     const drain = (workerId: string, reason = "drain requested") =>
       Effect.gen(function* () {
-        const found = yield* storage.findWorkers({ workerId }).pipe(Effect.mapError(persistence))
+        const found = yield* storage.findWorkers({ workerId })
         const w = found[0]
         if (w === undefined) return yield* new NotFound({ what: "worker", id: workerId })
         if (!w.alive) {
@@ -337,12 +329,9 @@ export const make = (
           }
         }
         return yield* node
-          .ref(WorkerActor.kind(noControl), workerId)
+          .ref(WorkerActor.WorkerActor, workerId)
           .ask(new WorkerActor.Drain({ reason }), { timeout: askTimeout })
-          .pipe(fromAsk(`worker ${workerId}`)) as Effect.Effect<
-          WorkerActor.WorkerState,
-          NotFound | RequestTimeout | PersistenceError
-        >
+          .pipe((ask) => askWorker(workerId, ask))
       })
 
     const deregister = (input: unknown) =>
@@ -353,7 +342,7 @@ export const make = (
         }
         const found = yield* storage
           .findWorkers({ workerId: request.worker_id, targetWorkerId: request.target_worker_id })
-          .pipe(Effect.mapError(persistence))
+          
         if (found.length === 0) {
           return yield* new NotFound({
             what: "worker",
@@ -365,7 +354,7 @@ export const make = (
           (w) =>
             w.alive && w.status !== "offline"
               ? node
-                  .ref(WorkerActor.kind(noControl), w.worker_id)
+                  .ref(WorkerActor.WorkerActor, w.worker_id)
                   .ask(
                     new WorkerActor.Deregister({
                       reason: request.reason,
@@ -374,7 +363,7 @@ export const make = (
                     }),
                     { timeout: Duration.sum(askTimeout, Duration.seconds(request.drain_timeout_seconds)) }
                   )
-                  .pipe(fromAsk(`worker ${w.worker_id}`))
+                  .pipe((ask) => askWorker(w.worker_id, ask))
               : offlineDeregister(w.worker_id, request.reason),
           { concurrency: "unbounded" }
         )
@@ -382,7 +371,7 @@ export const make = (
           worker_ids: results.flatMap((r) => r.worker_ids),
           cancelled_job_ids: results.flatMap((r) => r.cancelled_job_ids)
         }
-      }) as Effect.Effect<DeregisterResult, NotFound | InvalidRequest | RequestTimeout | PersistenceError>
+      })
 
     /** A worker whose node is gone: settle it in its rows (its running jobs are the reaper's). */
     const offlineDeregister = (workerId: string, reason: string) =>
@@ -398,15 +387,16 @@ export const make = (
         )
         yield* storage.closeTarget([workerId], "was deregistered")
         return { worker_ids: [workerId], cancelled_job_ids: [] } satisfies DeregisterResult
-      }).pipe(Effect.mapError(persistence))
+      })
 
-    return { submit, submitMany, cancel, resume, get, events, drain, deregister } satisfies JobService
+    return { submit, submitMany, cancel, resume, get, drain, deregister } satisfies JobService
   })
 
 // --- internal ---
 
-// Kinds used only to address and encode messages from this side: behaviour lives on the
-// node that hosts the actor.
-const unreachable = () => Effect.die("a job or worker actor ran on a node without a worker")
-const noRuns: JobActor.Runs = { cancel: unreachable, resume: unreachable }
-const noControl: WorkerActor.Control = { drain: unreachable, deregister: unreachable, status: unreachable() }
+const runtimeOnly = new Set(["ActorNotFound", "AskTimeout", "MailboxFull", "MalformedMessage", "ActorFailed"])
+
+/** A failure of the runtime (not of the request itself, and not the database). */
+const isRuntimeOnly = <E extends { readonly _tag: string }>(
+  e: E
+): e is Extract<E, Exclude<RuntimeError, PersistenceError>> => runtimeOnly.has(e._tag)

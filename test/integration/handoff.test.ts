@@ -9,7 +9,7 @@ import { layer } from "@effect/vitest"
 import { Deferred, Effect, Schema } from "effect"
 import { expect } from "vitest"
 import * as JobHandler from "../../src/runtime/jobs/JobHandler.ts"
-import * as JobStorage from "../../src/runtime/jobs/JobStorage.ts"
+import { maxPushBytes } from "../../src/protocol/Notifications.ts"
 import * as Db from "../fixtures/Db.ts"
 import { killListener } from "../fixtures/Delivery.ts"
 import { eventually, handlers, key, slot, startGateway, startWorker, statusIs } from "../fixtures/Jobs.ts"
@@ -55,6 +55,7 @@ const statusesOf = (ids: ReadonlyArray<string>) =>
 /** The NOTIFY payload a submit sends when it hands a `ctl` job (attempt 1) to a worker. */
 const pushedCtl = (id: string, workerId: string, key: string) =>
   JSON.stringify({
+    v: 1,
     id,
     worker_id: workerId,
     attempts: 1,
@@ -166,7 +167,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
       const c = counting()
       const w = yield* startWorker("h2", { handlers: c.handlers })
       yield* eventually(Effect.map(offersOf("w-h2"), (n) => (n === 1 ? true : undefined)))
-      const blob = "x".repeat(JobStorage.maxPushBytes + 100)
+      const blob = "x".repeat(maxPushBytes + 100)
       const job = yield* jobs.submit({ job_type: "work", payload: { blob } })
       expect(job.status).toBe("running")
       const done = yield* eventually(
@@ -260,7 +261,7 @@ layer(Db.layer, { excludeTestServices: true })((it) => {
         const k = key()
         const id = yield* handOffSilently("w-h9c", "ctl", { key: k })
         // The job's NOTIFY and the cancel push commit together, so they arrive together.
-        const cancel = { cancel: true, id, worker_id: "w-h9c", attempts: 1, reason: "pushed at once" }
+        const cancel = { v: 1, cancel: true, id, worker_id: "w-h9c", attempts: 1, reason: "pushed at once" }
         yield* sql`SELECT pg_notify('jobs:h9c', ${pushedCtl(id, "w-h9c", k)}),
           pg_notify('jobs:h9c', ${JSON.stringify(cancel)})`
         yield* statusIs(id, "cancelled")

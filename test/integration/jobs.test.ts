@@ -290,7 +290,7 @@ describe("jobs and workers", () => {
           yield* startWorker("n4p", { maxConcurrent: 2 })
           const sql = yield* SqlClient.SqlClient
           const push = (jobId: string, attempts: number, reason: string) =>
-            sql`SELECT pg_notify('jobs:n4p', ${JSON.stringify({ cancel: true, id: jobId, worker_id: "w-n4p", attempts, reason })})`
+            sql`SELECT pg_notify('jobs:n4p', ${JSON.stringify({ v: 1, cancel: true, id: jobId, worker_id: "w-n4p", attempts, reason })})`
           // A push naming another attempt of the job is not this run's: the handler goes on.
           const k1 = key()
           const stale = yield* jobs.submit({ job_type: "ctl", payload: { key: k1 } })
@@ -323,6 +323,7 @@ describe("jobs and workers", () => {
           })
           yield* Deferred.await(slot(k1).interrupted)
           expect(heard.map((h) => JSON.parse(h))).toContainEqual({
+            v: 1,
             cancel: true,
             id: stale.id,
             worker_id: "w-n4p",

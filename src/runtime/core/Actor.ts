@@ -8,7 +8,7 @@
  * activation. State that must survive a crash belongs in Postgres; the behaviour rebuilds
  * itself from its rows on activation.
  */
-import { Duration, type Effect, type Schema, type Scope } from "effect"
+import { Duration, type Effect, type Exit, Schema, type Scope } from "effect"
 import { type ActorId, actorId } from "../../protocol/Ids.ts"
 
 /** When and how a crashed actor is restarted. */
@@ -52,8 +52,12 @@ export type Handlers<M extends Msg> = {
   >
 }
 
-/** An actor kind. */
-export interface Actor<M extends Msg, R = never> {
+/**
+ * An actor kind's protocol: what anyone needs to address its actors (`node.ref`). It holds
+ * no behaviour, so a front desk can send to a job without building a stand-in for the
+ * worker that runs it (as `Entity.make` in Effect cluster).
+ */
+export interface Actor<M extends Msg> {
   readonly kind: string
   readonly schema: Schema.Schema<M, any, never>
   /** Messages queued in memory for one actor before new ones go to dead letters (`MailboxFull`). */
@@ -61,35 +65,53 @@ export interface Actor<M extends Msg, R = never> {
   /** Idle time after which the actor is passivated (dropped from memory, kept registered). */
   readonly idleTimeout: Duration.Duration
   readonly restart: RestartPolicy
-  readonly behavior: (address: Address) => Effect.Effect<Handlers<M>, unknown, R | Scope.Scope>
   /** The id of this kind's actor with the given key. */
   readonly id: (key: string) => ActorId
 }
 
-/** Any actor kind (for registries). */
-export type Any = Actor<any, any>
+/** Builds an activation's handlers; runs in the activation's Scope. */
+export type Behavior<M extends Msg, R = never> = (
+  address: Address
+) => Effect.Effect<Handlers<M>, unknown, R | Scope.Scope>
 
-/** Define an actor kind. */
-export const make = <M extends Msg, R = never>(
-  kind: string,
-  options: {
-    readonly schema: Schema.Schema<M, any, never>
-    readonly behavior: (address: Address) => Effect.Effect<Handlers<M>, unknown, R | Scope.Scope>
-    readonly capacity?: number
-    readonly idleTimeout?: Duration.DurationInput
-    readonly restart?: {
-      readonly maxRestarts?: number
-      readonly window?: Duration.DurationInput
-      readonly minBackoff?: Duration.DurationInput
-      readonly maxBackoff?: Duration.DurationInput
-    }
+/** A kind together with its behaviour: what a node hosts (`node.register`, `node.spawn`). */
+export interface Hosted<M extends Msg, R = never> extends Actor<M> {
+  readonly behavior: Behavior<M, R>
+}
+
+/** Any hosted kind (for registries). */
+export type Any = Hosted<any, any>
+
+/** Options of a kind. */
+export interface Options<M extends Msg> {
+  readonly schema: Schema.Schema<M, any, never>
+  readonly capacity?: number
+  readonly idleTimeout?: Duration.DurationInput
+  readonly restart?: {
+    readonly maxRestarts?: number
+    readonly window?: Duration.DurationInput
+    readonly minBackoff?: Duration.DurationInput
+    readonly maxBackoff?: Duration.DurationInput
   }
-): Actor<M, R> => {
+}
+
+/**
+ * Define an actor kind: its protocol, or with `behavior` a kind ready to host (tests and
+ * small kinds that need nothing from outside).
+ */
+export function make<M extends Msg, R = never>(
+  kind: string,
+  options: Options<M> & { readonly behavior: Behavior<M, R> }
+): Hosted<M, R>
+export function make<M extends Msg>(kind: string, options: Options<M>): Actor<M>
+export function make<M extends Msg, R = never>(
+  kind: string,
+  options: Options<M> & { readonly behavior?: Behavior<M, R> }
+): Actor<M> | Hosted<M, R> {
   if (!/^[A-Za-z0-9._-]+$/.test(kind)) throw new Error(`actor kind "${kind}" must match [A-Za-z0-9._-]+`)
-  return {
+  const actor: Actor<M> = {
     kind,
     schema: options.schema,
-    behavior: options.behavior,
     capacity: options.capacity ?? 10_000,
     idleTimeout: Duration.decode(options.idleTimeout ?? "5 minutes"),
     restart: {
@@ -100,4 +122,19 @@ export const make = <M extends Msg, R = never>(
     },
     id: (key) => actorId(kind, key)
   }
+  return options.behavior === undefined ? actor : host(actor, options.behavior)
 }
+
+/** Give a kind its behaviour, for the node that hosts it (as `entity.toLayer` in Effect cluster). */
+export const host = <M extends Msg, R>(actor: Actor<M>, behavior: Behavior<M, R>): Hosted<M, R> => ({
+  ...actor,
+  behavior
+})
+
+/** The Schema of the exit of a request (its success, its failure, defects): what a reply carries. */
+export const exitSchema = (message: Schema.TaggedRequest.All) =>
+  Schema.exitSchema(message as unknown as Schema.WithResult<any, any, any, any, never>) as Schema.Schema<
+    Exit.Exit<any, any>,
+    unknown,
+    never
+  >

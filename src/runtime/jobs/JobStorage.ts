@@ -11,77 +11,18 @@ import { SqlClient } from "@effect/sql"
 import * as Statement from "@effect/sql/Statement"
 import { Duration, Effect } from "effect"
 import type { Interaction, Job, SubmitJob } from "../../protocol/Jobs.ts"
-import { type PreparedPool, runHot } from "../db/Database.ts"
+import {
+  anyJobsChannel,
+  callbacksChannel,
+  type Claimed,
+  jobEventsChannel,
+  maxPushBytes,
+  nodeJobsPrefix
+} from "../../protocol/Notifications.ts"
+import { nodeChannel, registryChannel } from "../../protocol/Ids.ts"
+import { type PreparedPool, runHot } from "../db/PreparedPool.ts"
 import { aliveSql } from "../core/NodeMembership.ts"
-
-/** The NOTIFY channel workers of a node listen on for targeted jobs. */
-export const nodeJobsChannel = (nodeId: string): string => `jobs:${nodeId}`
-
-/** The NOTIFY channel every worker listens on: a job anyone may claim. */
-export const anyJobsChannel = "jobs:any"
-
-/**
- * A NOTIFY payload is at most 8,000 bytes: a job handed to a worker travels in it when it
- * fits in this many, else only its id does (`Pushed.fetch`).
- */
-export const maxPushBytes = 7_900
-
-/**
- * What the NOTIFY on `jobs:<node>` carries when `insertAny` hands a job to a worker: the
- * job (a `Claimed`), or with `fetch` only its id and attempt. Other payloads on that
- * channel are a job id (a wake-up).
- */
-export type Pushed =
-  | (Claimed & { readonly worker_id: string; readonly fetch?: undefined })
-  | {
-      readonly id: string
-      readonly worker_id: string
-      readonly attempts: number
-      readonly fetch: true
-    }
-
-/**
- * What the NOTIFY on `jobs:<node>` carries when a cancel of a running job is requested
- * (`cancelOrLocate`): the attempt to interrupt, and why.
- */
-export interface CancelPush {
-  readonly cancel: true
-  readonly id: string
-  readonly worker_id: string
-  readonly attempts: number
-  readonly reason: string
-}
-
-/** Read a `jobs:<node>` payload: a handed job, a cancel, or undefined for a wake-up. */
-export const parsePushed = (payload: string): Pushed | CancelPush | undefined => {
-  if (!payload.startsWith("{")) return undefined
-  try {
-    const value = JSON.parse(payload) as Pushed | CancelPush
-    const addressed =
-      typeof value.id === "string" &&
-      typeof value.worker_id === "string" &&
-      typeof value.attempts === "number"
-    if (!addressed) return undefined
-    return !("cancel" in value) || (value.cancel === true && typeof value.reason === "string")
-      ? value
-      : undefined
-  } catch {
-    return undefined
-  }
-}
-
-/** A claimed job, as the worker runs it. */
-export interface Claimed {
-  readonly id: string
-  readonly job_type: string
-  readonly payload: unknown
-  readonly attempts: number
-  readonly timeout_seconds: number | null
-  readonly worker_affinity: string
-  readonly target_worker_id: string | null
-  readonly valet_task_id: string | null
-  readonly cost: unknown
-}
+import { refailAll } from "../db/Persistence.ts"
 
 /** How a job ends. */
 export interface Outcome {
@@ -214,8 +155,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ),
       placed AS (${placeHanded})
       SELECT ${jobColumns("ins")},
-        CASE WHEN ins.node_id IS NULL THEN pg_notify('jobs:any', ins.id::text)
-             ELSE pg_notify('jobs:' || ins.node_id, ${pushedPayload("ins")})
+        CASE WHEN ins.node_id IS NULL THEN pg_notify(${anyJobsChannel}::text, ins.id::text)
+             ELSE pg_notify(${nodeJobsPrefix}::text || ins.node_id, ${pushedPayload("ins")})
         END IS NULL AS woke
       FROM ins WHERE (SELECT count(*) FROM placed) >= 0`
       ).pipe(Effect.map((rows) => rows[0]))
@@ -250,8 +191,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ),
       placed AS (${placeHanded})
       SELECT ${jobColumns("ins")},
-        CASE WHEN ins.node_id IS NOT NULL THEN pg_notify('jobs:' || ins.node_id, ${pushedPayload("ins")})
-             ELSE pg_notify('jobs:' || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
+        CASE WHEN ins.node_id IS NOT NULL THEN pg_notify(${nodeJobsPrefix}::text || ins.node_id, ${pushedPayload("ins")})
+             ELSE pg_notify(${nodeJobsPrefix}::text || CASE WHEN ins.worker_affinity <> 'any' AND a.node_id IS NOT NULL THEN a.node_id
                                             ELSE 'any' END, ins.id::text)
         END IS NULL AS woke
       FROM ins LEFT JOIN avail a ON true
@@ -345,8 +286,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ),
       -- Moved messages need a scan on this node (a bare wake-up), not the rows-in-NOTIFY fast path.
       woke AS (
-        SELECT pg_notify('registry:changed', 'job:' || c.id) FROM claimed c WHERE c.attempts > 1
-        UNION ALL SELECT pg_notify('node:' || ${worker.nodeId}::text, 'm') FROM (SELECT 1 FROM moved LIMIT 1) x
+        SELECT pg_notify(${registryChannel}::text, 'job:' || c.id) FROM claimed c WHERE c.attempts > 1
+        UNION ALL SELECT pg_notify(${nodeChannel('')}::text || ${worker.nodeId}::text, 'm') FROM (SELECT 1 FROM moved LIMIT 1) x
       ),
       lent AS (
         INSERT INTO job_offers (worker_id, node_id)
@@ -451,8 +392,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         RETURNING 1
       )
       SELECT c.id::text AS id FROM c
-      UNION ALL SELECT NULL FROM (SELECT pg_notify('callbacks:new', 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x) y
-      UNION ALL SELECT NULL FROM (SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text)
+      UNION ALL SELECT NULL FROM (SELECT pg_notify(${callbacksChannel}::text, 'claimed') FROM (SELECT 1 FROM cb LIMIT 1) x) y
+      UNION ALL SELECT NULL FROM (SELECT pg_notify(${jobEventsChannel}::text, (SELECT max(id) FROM ev)::text)
                                   WHERE EXISTS (SELECT 1 FROM ev)) z
       UNION ALL SELECT NULL WHERE (SELECT count(*) FROM w) < 0`
       ).pipe(
@@ -518,8 +459,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         RETURNING 1
       ),
       woke AS (
-        SELECT pg_notify('callbacks:new', 'ended') FROM (SELECT 1 FROM cb LIMIT 1) x
-        UNION ALL SELECT pg_notify('job_events:new', (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
+        SELECT pg_notify(${callbacksChannel}::text, 'ended') FROM (SELECT 1 FROM cb LIMIT 1) x
+        UNION ALL SELECT pg_notify(${jobEventsChannel}::text, (SELECT max(id) FROM ev)::text) WHERE EXISTS (SELECT 1 FROM ev)
       )
       SELECT j.id::text AS id FROM j
       WHERE (SELECT count(*) FROM w) >= 0 AND (SELECT count(*) FROM r) >= 0 AND (SELECT count(*) FROM woke) >= 0`
@@ -569,7 +510,7 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
         FROM input i ORDER BY i.ord
         RETURNING *
       )
-      SELECT ${jobColumns("ins")}, (SELECT pg_notify('jobs:any', 'batch')) IS NULL AS woke FROM ins`
+      SELECT ${jobColumns("ins")}, (SELECT pg_notify(${anyJobsChannel}::text, 'batch')) IS NULL AS woke FROM ins`
         .withoutTransform
 
     /**
@@ -594,12 +535,12 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       SELECT false, l.status, l.attempts, l.node_id, l.worker_id, l.alive,
         -- (a push too large for a NOTIFY payload is left out: the routed cancel does it all)
         CASE WHEN l.alive AND l.status IN ('running', 'needs_human') AND octet_length(l.push) <= ${maxPushBytes} THEN
-          pg_notify('jobs:' || l.node_id, l.push)
+          pg_notify(${nodeJobsPrefix}::text || l.node_id, l.push)
         END IS NULL
       FROM (
         SELECT o.id, o.status, o.attempts, o.node_id, o.worker_id,
           (n.id IS NOT NULL AND n.status = 'running' AND ${sql.literal(aliveSql)}) AS alive,
-          jsonb_build_object('cancel', true, 'id', o.id, 'worker_id', o.worker_id, 'attempts', o.attempts,
+          jsonb_build_object('v', 1, 'cancel', true, 'id', o.id, 'worker_id', o.worker_id, 'attempts', o.attempts,
                              'reason', ${reason}::text)::text AS push
         FROM gh_automation_jobs o LEFT JOIN nodes n ON n.id = o.node_id
         WHERE o.id = ${jobId}::uuid AND NOT EXISTS (SELECT 1 FROM j)
@@ -831,8 +772,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ),
       ev AS (SELECT f.id, troupe_job_event(f.job, 'job_failed', (f.job).error_message, NULL,
                                      jsonb_build_object('worker_id', NULL), true) AS e FROM failed f)
-      SELECT ev.id::text AS id, pg_notify('jobs:any', 'opened') IS NULL AS woke FROM ev
-      UNION ALL SELECT NULL, pg_notify('jobs:any', 'opened') IS NULL FROM (SELECT count(*) AS n FROM opened) o WHERE o.n > 0`.withoutTransform.pipe(
+      SELECT ev.id::text AS id, pg_notify(${anyJobsChannel}::text, 'opened') IS NULL AS woke FROM ev
+      UNION ALL SELECT NULL, pg_notify(${anyJobsChannel}::text, 'opened') IS NULL FROM (SELECT count(*) AS n FROM opened) o WHERE o.n > 0`.withoutTransform.pipe(
         Effect.map((rows) => rows.filter((r) => r.id !== null).map((r) => r.id))
       )
 
@@ -936,25 +877,11 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
       WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
 
-    /** A job's events after `sinceId`, oldest first. */
-    const events = (jobId: string, sinceId = "0", limit = 1000) =>
-      sql<{
-        id: string
-        job_id: string
-        event_type: string
-        message: string
-        actor: string | null
-        metadata: unknown
-        created_at: Date
-      }>`SELECT id::text AS id, job_id::text AS job_id, event_type, message, actor, metadata, created_at
-       FROM gh_job_events WHERE job_id = ${jobId}::uuid AND id > ${sinceId}::bigint ORDER BY id LIMIT ${limit}`
-        .withoutTransform
-
     /** Send a NOTIFY. */
     const notify = (channel: string, payload: string) =>
       sql`SELECT pg_notify(${channel}, ${payload})`.pipe(Effect.asVoid)
 
-    return {
+    return refailAll({
       notify,
       insert,
       targetState,
@@ -979,9 +906,8 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       setWorkerStatus,
       findWorkers,
       get,
-      owner,
-      events
-    } as const
+      owner
+    })
   })
 
 /** Create the storage functions over the current `SqlClient` (no prepared statements). */
@@ -1050,9 +976,9 @@ const claimedColumns = Statement.unsafeFragment(
 const pushedPayload = (alias: string) =>
   Statement.unsafeFragment(`(
     SELECT CASE WHEN octet_length(p) <= ${maxPushBytes} THEN p
-      ELSE json_build_object('id', ${alias}.id, 'worker_id', ${alias}.worker_id, 'attempts', ${alias}.attempts,
+      ELSE json_build_object('v', 1, 'id', ${alias}.id, 'worker_id', ${alias}.worker_id, 'attempts', ${alias}.attempts,
                              'fetch', true)::text END
-    FROM (SELECT json_build_object('id', ${alias}.id, 'worker_id', ${alias}.worker_id, 'attempts', ${alias}.attempts,
+    FROM (SELECT json_build_object('v', 1, 'id', ${alias}.id, 'worker_id', ${alias}.worker_id, 'attempts', ${alias}.attempts,
       'job_type', ${alias}.job_type, 'payload', ${alias}.payload, 'timeout_seconds', ${alias}.timeout_seconds,
       'worker_affinity', ${alias}.worker_affinity, 'target_worker_id', ${alias}.target_worker_id,
       'valet_task_id', ${alias}.valet_task_id, 'cost', ${alias}.cost)::text AS p) x)`)
