@@ -6,7 +6,7 @@
  * row (`UPDATE … WHERE status = 'queued'`), so it never needs a live owner.
  */
 import { SqlClient } from "@effect/sql"
-import { Config, Context, Duration, Effect, Either, ParseResult, Schema, type Scope } from "effect"
+import { Config, type ConfigError, Context, Duration, Effect, Either, Layer, ParseResult, Schema, type Scope } from "effect"
 import * as JobActor from "../actors/JobActor.ts"
 import * as WorkerActor from "../actors/WorkerActor.ts"
 import { PersistenceError, type RuntimeError } from "../protocol/Errors.ts"
@@ -28,7 +28,7 @@ import {
 import { anyJobsChannel } from "../protocol/Notifications.ts"
 import { refail } from "../runtime/db/Persistence.ts"
 import * as JobStorage from "../runtime/jobs/JobStorage.ts"
-import type { TroupeNode } from "../runtime/core/Node.ts"
+import { Node, type TroupeNode } from "../runtime/core/Node.ts"
 
 /** Options of the job service. */
 export interface Options {
@@ -54,8 +54,11 @@ export type JobRequestError = NotFound | Conflict | InvalidRequest | RequestTime
 
 /** The job service. */
 export interface JobService {
-  readonly submit: (
-    input: unknown
+  /** Check a submission (unknown fields are errors) and store it; `strict` needs its target free. */
+  readonly submit: (input: unknown) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
+  /** Store a submission a door has decoded already (`SubmitJob`). */
+  readonly submitJob: (
+    job: SubmitJobFields
   ) => Effect.Effect<Job, InvalidRequest | WorkerUnavailable | PersistenceError>
   /**
    * Submit many jobs: all are validated first (one bad input stores nothing); `strict` ones
@@ -65,20 +68,39 @@ export interface JobService {
   readonly submitMany: (
     inputs: ReadonlyArray<unknown>
   ) => Effect.Effect<ReadonlyArray<Job>, InvalidRequest | WorkerUnavailable | PersistenceError>
+  /** Cancel a job: in its row when queued or when its node is gone, else on the node running it. */
   readonly cancel: (jobId: string, reason?: string) => Effect.Effect<JobState, JobRequestError>
+  /** Check a resolution and hand it to the `needs_human` job's handler, on the node holding it. */
   readonly resume: (jobId: string, input: unknown) => Effect.Effect<JobState, JobRequestError>
+  /** Hand a decoded resolution to the `needs_human` job's handler. */
+  readonly resumeWith: (jobId: string, resolution: Resolution) => Effect.Effect<JobState, JobRequestError>
+  /** A job as stored. */
   readonly get: (jobId: string) => Effect.Effect<Job, NotFound | InvalidRequest | PersistenceError>
+  /** Let a worker finish its jobs and claim no more (an offline worker answers `offline`). */
   readonly drain: (
     workerId: string,
     reason?: string
   ) => Effect.Effect<WorkerActor.WorkerState, NotFound | RequestTimeout | PersistenceError>
+  /** Check a `DeregisterRequest` and take the workers it names out of service. */
   readonly deregister: (
     input: unknown
+  ) => Effect.Effect<DeregisterResult, NotFound | InvalidRequest | RequestTimeout | PersistenceError>
+  /** Take the workers a decoded `DeregisterRequest` names out of service. */
+  readonly deregisterWith: (
+    request: DeregisterRequest
   ) => Effect.Effect<DeregisterResult, NotFound | InvalidRequest | RequestTimeout | PersistenceError>
 }
 
 /** The job service of this process. */
-export class Jobs extends Context.Tag("troupe/runtime/Jobs")<Jobs, JobService>() {}
+export class Jobs extends Context.Tag("troupe/edge/Jobs")<Jobs, JobService>() {}
+
+/** The job service on this process's node. */
+export const layer = (options: Options = {}): Layer.Layer<Jobs, never, Node | SqlClient.SqlClient> =>
+  Layer.scoped(Jobs, Effect.flatMap(Node, (node) => make(node, options)))
+
+/** The job service on this process's node, configured from the environment (`OptionsConfig`). */
+export const layerConfig: Layer.Layer<Jobs, ConfigError.ConfigError, Node | SqlClient.SqlClient> =
+  Layer.unwrapEffect(Effect.map(OptionsConfig, layer))
 
 /** Create the job service on a node. */
 export const make = (
@@ -148,9 +170,10 @@ export const make = (
         )
       )
 
-    const submit = (input: unknown) =>
+    const submit = (input: unknown) => Effect.flatMap(decodeSubmit(input), submitJob)
+
+    const submitJob = (job: SubmitJobFields) =>
       Effect.gen(function* () {
-        const job = yield* decodeSubmit(input)
         if (job.worker_affinity !== "any" && job.target_worker_id === null) {
           return yield* new InvalidRequest({
             reason: `worker_affinity "${job.worker_affinity}" needs a target_worker_id`
@@ -202,7 +225,7 @@ export const make = (
           .withTransaction(
             Effect.gen(function* () {
               for (const [i, j] of decoded.entries())
-                if (j.worker_affinity === "strict") out[i] = yield* submit(j)
+                if (j.worker_affinity === "strict") out[i] = yield* submitJob(j)
               for (let k = 0; k < loose.length; k += 5000) {
                 const slice = loose.slice(k, k + 5000)
                 const rows = yield* storage
@@ -226,10 +249,7 @@ export const make = (
         return out
       })
 
-    const cancel = (
-      jobId: string,
-      reason = "cancelled by request"
-    ): Effect.Effect<JobState, JobRequestError> =>
+    const cancel: JobService["cancel"] = (jobId, reason = "cancelled by request") =>
       Effect.gen(function* () {
         yield* checkId(jobId)
         const owner = yield* storage.cancelOrLocate(jobId, reason)
@@ -281,9 +301,11 @@ export const make = (
       })
 
     const resume = (jobId: string, input: unknown) =>
+      Effect.flatMap(decode(Resolution, input), (resolution) => resumeWith(jobId, resolution))
+
+    const resumeWith = (jobId: string, resolution: Resolution) =>
       Effect.gen(function* () {
         yield* checkId(jobId)
-        const resolution = yield* decode(Resolution, input)
         const owner = yield* storage.owner(jobId)
         if (owner === undefined) return yield* new NotFound({ what: "job", id: jobId })
         if (owner.status !== "needs_human") {
@@ -334,9 +356,10 @@ export const make = (
           .pipe((ask) => askWorker(workerId, ask))
       })
 
-    const deregister = (input: unknown) =>
+    const deregister = (input: unknown) => Effect.flatMap(decode(DeregisterRequest, input), deregisterWith)
+
+    const deregisterWith = (request: DeregisterRequest) =>
       Effect.gen(function* () {
-        const request = yield* decode(DeregisterRequest, input)
         if (request.worker_id === undefined && request.target_worker_id === undefined) {
           return yield* new InvalidRequest({ reason: "name the worker: worker_id or target_worker_id" })
         }
@@ -389,7 +412,21 @@ export const make = (
         return { worker_ids: [workerId], cancelled_job_ids: [] } satisfies DeregisterResult
       })
 
-    return { submit, submitMany, cancel, resume, get, drain, deregister } satisfies JobService
+    // Each operation is a span (`Jobs.<name>`), so a trace shows where a request spent its time.
+    return {
+      submit: (input) => submit(input).pipe(Effect.withSpan("Jobs.submit")),
+      submitJob: (job) => submitJob(job).pipe(Effect.withSpan("Jobs.submit")),
+      submitMany: (inputs) => submitMany(inputs).pipe(Effect.withSpan("Jobs.submitMany")),
+      cancel: (jobId, reason) => cancel(jobId, reason).pipe(Effect.withSpan("Jobs.cancel", { attributes: { jobId } })),
+      resume: (jobId, input) => resume(jobId, input).pipe(Effect.withSpan("Jobs.resume", { attributes: { jobId } })),
+      resumeWith: (jobId, resolution) =>
+        resumeWith(jobId, resolution).pipe(Effect.withSpan("Jobs.resume", { attributes: { jobId } })),
+      get: (jobId) => get(jobId).pipe(Effect.withSpan("Jobs.get", { attributes: { jobId } })),
+      drain: (workerId, reason) =>
+        drain(workerId, reason).pipe(Effect.withSpan("Jobs.drain", { attributes: { workerId } })),
+      deregister: (input) => deregister(input).pipe(Effect.withSpan("Jobs.deregister")),
+      deregisterWith: (request) => deregisterWith(request).pipe(Effect.withSpan("Jobs.deregister"))
+    } satisfies JobService
   })
 
 // --- internal ---
