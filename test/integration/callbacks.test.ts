@@ -2,6 +2,7 @@ import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
 import {
   ConfigProvider,
+  Deferred,
   Duration,
   Effect,
   ExecutionStrategy,
@@ -12,6 +13,7 @@ import {
   Scope
 } from "effect"
 import * as Http from "node:http"
+import * as Net from "node:net"
 import type { AddressInfo } from "node:net"
 import * as CallbackDispatcher from "../../src/runtime/jobs/CallbackDispatcher.ts"
 import * as Node from "../../src/runtime/core/Node.ts"
@@ -22,6 +24,7 @@ import * as Db from "../fixtures/Db.ts"
 interface Received {
   readonly key: string
   readonly attempt: string | undefined
+  readonly authorization: string | undefined
   readonly contentType: string | undefined
   readonly path: string
   readonly body: { readonly job_id?: string; readonly valet_task_id?: string; readonly status?: string }
@@ -29,8 +32,11 @@ interface Received {
   status: number | undefined
 }
 
-/** How the server answers a request: a status, after an optional delay in ms. */
-type Responder = (request: Received, previousForKey: number) => { status: number; delayMs?: number }
+/** How the server answers a request: a status (and headers), after an optional delay in ms or once `hold` resolves. */
+type Responder = (
+  request: Received,
+  previousForKey: number
+) => { status: number; headers?: Record<string, string>; delayMs?: number; hold?: Promise<void> }
 
 const startServer = (respond: Responder) =>
   Effect.acquireRelease(
@@ -47,6 +53,7 @@ const startServer = (respond: Responder) =>
           const r: Received = {
             key: header("idempotency-key") ?? "",
             attempt: header("x-troupe-attempt"),
+            authorization: header("authorization"),
             contentType: header("content-type"),
             path: new URL(req.url ?? "/", "http://x").pathname,
             body: JSON.parse(Buffer.concat(chunks).toString("utf8") || "{}"),
@@ -54,12 +61,15 @@ const startServer = (respond: Responder) =>
           }
           const previous = received.filter((x) => x.key === r.key).length
           received.push(r)
-          const { status, delayMs } = respond(r, previous)
+          const { status, headers, delayMs, hold } = respond(r, previous)
           const answer = () => {
             r.status = status
-            res.writeHead(status, { "Content-Type": "text/plain" }).end(status < 300 ? "ok" : "try later")
+            res
+              .writeHead(status, { "Content-Type": "text/plain", ...headers })
+              .end(status < 300 ? "ok" : "try later")
           }
-          if (delayMs) setTimeout(answer, delayMs)
+          if (hold) void hold.then(answer)
+          else if (delayMs) setTimeout(answer, delayMs)
           else answer()
         })
       })
@@ -159,6 +169,15 @@ const startDispatcher = (nodeId: string, options?: Partial<CallbackDispatcher.Op
       ...options
     })
   })
+
+/** A loopback port nothing listens on (bound once, then closed). */
+const closedPort = Effect.async<number>((resume) => {
+  const probe = Net.createServer()
+  probe.listen(0, "127.0.0.1", () => {
+    const { port } = probe.address() as AddressInfo
+    probe.close(() => resume(Effect.succeed(port)))
+  })
+})
 
 /** Fail the first `n` requests of each key with a 500. */
 const failFirst =
@@ -368,6 +387,110 @@ describe("callback dispatcher", () => {
           expect(logs.join("\n")).not.toContain("token")
         })
     )
+
+    it.scoped("the stats count a row before the outbox shows it delivered or given up", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const locker = yield* Db.rawClient
+        // Each request is answered only once the test opens its gate.
+        let gate: { readonly arrived: Deferred.Deferred<void>; readonly hold: Promise<void> } | undefined
+        const server = yield* startServer((r) => {
+          Deferred.unsafeDone(gate!.arrived, Exit.void)
+          return { status: r.path === "/dead" ? 500 : 200, hold: gate!.hold }
+        })
+        // No retries: the first attempt's failure gives the row up.
+        const dispatcher = yield* startDispatcher("cb-6", { retryDelays: [] })
+
+        /** Hold the row's lock while its result is written: the dispatcher's UPDATE waits on it. */
+        const heldWhileRecorded = (path: string) =>
+          Effect.gen(function* () {
+            let open!: () => void
+            const arrived = yield* Deferred.make<void>()
+            gate = { arrived, hold: new Promise<void>((resolve) => (open = resolve)) }
+            const jobId = yield* insertJob(`${server.url}${path}`, `valet-6${path}`)
+            yield* report(jobId, "running")
+            yield* Deferred.await(arrived)
+            yield* Effect.promise(async () => {
+              await locker.query("BEGIN")
+              await locker.query("SELECT 1 FROM callback_outbox WHERE job_id = $1::uuid FOR UPDATE", [jobId])
+            })
+            open()
+            yield* sql<{ n: number }>`
+              SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'`.pipe(
+              Effect.repeat({ schedule: Schedule.spaced("10 millis"), until: ([row]) => row!.n > 0 }),
+              Effect.timeoutFail({
+                duration: "10 seconds",
+                onTimeout: () => new Error("the dispatcher never waited on the row lock")
+              })
+            )
+            const during = { stats: dispatcher.stats(), rows: yield* outboxOf([jobId]) }
+            yield* Effect.promise(() => locker.query("COMMIT"))
+            return { jobId, during }
+          })
+
+        const ok = yield* heldWhileRecorded("/ok")
+        expect(ok.during.rows.map((r) => r.delivered)).toEqual([false])
+        expect(ok.during.stats).toEqual({ delivered: 1, failedAttempts: 0, gaveUp: 0 })
+        yield* awaitOutbox([ok.jobId], allDelivered(1))
+        expect(dispatcher.stats()).toEqual({ delivered: 1, failedAttempts: 0, gaveUp: 0 })
+
+        const dead = yield* heldWhileRecorded("/dead")
+        expect(dead.during.rows.map((r) => r.failed)).toEqual([false])
+        expect(dead.during.stats).toEqual({ delivered: 1, failedAttempts: 1, gaveUp: 1 })
+        const [failed] = yield* awaitOutbox([dead.jobId], (rows) => rows[0]?.failed === true)
+        expect(failed!.last_error).toContain("HTTP 500")
+        expect(dispatcher.stats()).toEqual({ delivered: 1, failedAttempts: 1, gaveUp: 1 })
+      })
+    )
+
+    it.scoped(
+      "a redirect is not followed, a silent server times out, a refused connection fails, url credentials go as Basic auth",
+      () =>
+        Effect.gen(function* () {
+          const server = yield* startServer((r) => {
+            switch (r.path) {
+              case "/moved":
+                return { status: 302, headers: { Location: "/ok" } }
+              case "/silent":
+                return { status: 200, hold: new Promise<void>(() => {}) }
+              case "/auth":
+                return {
+                  status:
+                    r.authorization === `Basic ${Buffer.from("bob:p@ss").toString("base64")}` ? 200 : 401
+                }
+              default:
+                return { status: 200 }
+            }
+          })
+          // No retries: each row's first failure is its last.
+          const dispatcher = yield* startDispatcher("cb-7", { retryDelays: [], requestTimeout: "300 millis" })
+          const target = new URL(server.url)
+          const moved = yield* insertJob(`${server.url}/moved`, "valet-7-moved")
+          const silent = yield* insertJob(`${server.url}/silent`, "valet-7-silent")
+          const refused = yield* insertJob(`http://127.0.0.1:${yield* closedPort}/hook`, "valet-7-refused")
+          const auth = yield* insertJob(`http://bob:p%40ss@${target.host}/auth?token=s3cret`, "valet-7-auth")
+          for (const jobId of [moved, silent, refused, auth]) yield* report(jobId, "running")
+          const rows = yield* awaitOutbox(
+            [moved, silent, refused, auth],
+            (rows) => rows.length === 4 && rows.every((r) => r.delivered || r.failed)
+          )
+          const of = (jobId: string) => rows.find((r) => r.job_id === jobId)!
+
+          expect(of(moved).failed).toBe(true)
+          expect(of(moved).last_error).toContain("HTTP 302 Found")
+          expect(server.received.filter((r) => r.path === "/ok")).toEqual([])
+          expect(of(silent).failed).toBe(true)
+          expect(of(silent).last_error).toBe("no response within 300 ms")
+          expect(of(refused).failed).toBe(true)
+          expect(of(refused).last_error).toContain("request failed")
+          expect(of(refused).last_error).toContain("ECONNREFUSED")
+          expect(of(auth).delivered).toBe(true)
+          expect(server.received.find((r) => r.path === "/auth")!.authorization).toMatch(/^Basic /)
+          expect(dispatcher.stats()).toEqual({ delivered: 1, failedAttempts: 3, gaveUp: 3 })
+        })
+    )
+
     it.effect(
       "TROUPE_CALLBACK_RETRY_DELAYS_MS sets the retry delays; a malformed value is refused with its name",
       () =>

@@ -12,7 +12,13 @@
  * under the same `Idempotency-Key`); in order per job (a job's row is not claimed while an
  * earlier row of that job is neither delivered nor given up); nothing dropped silently (a
  * row that used up its retries keeps `failed_at` and `last_error`, and a warning is logged).
+ *
+ * Requests go through `@effect/platform`'s `HttpClient` on Node's `http`/`https`, with an
+ * agent of the dispatcher's own that closes with its scope. Redirects are not followed: a
+ * 3xx is a failed attempt like any other answer that is not a 2xx.
  */
+import { HttpClient, HttpClientRequest, type HttpClientResponse } from "@effect/platform"
+import { NodeHttpClient } from "@effect/platform-node"
 import { SqlClient } from "@effect/sql"
 import {
   Cause,
@@ -21,14 +27,17 @@ import {
   Data,
   Duration,
   Effect,
+  Exit,
   Fiber,
   FiberSet,
   Layer,
   Queue,
   Schedule,
+  Stream,
   type ConfigError,
   type Scope
 } from "effect"
+import * as Http from "node:http"
 import { describe } from "../db/Database.ts"
 import * as Node from "../core/Node.ts"
 
@@ -62,7 +71,11 @@ export interface Options {
   readonly shutdownTimeout?: Duration.DurationInput
 }
 
-/** Counters of a dispatcher, for tests and operators. */
+/**
+ * Counters of a dispatcher, for tests and operators. Each is counted before the row's new
+ * state is written, so a reader who sees a row delivered or given up in `callback_outbox`
+ * sees it counted here too.
+ */
 export interface Stats {
   /** Rows answered with a 2xx by this dispatcher. */
   readonly delivered: number
@@ -134,6 +147,7 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
     const concurrency = Math.max(1, options.concurrency ?? 16)
     const shutdownTimeout = options.shutdownTimeout ?? Duration.millis(timeoutMs)
     const counters = { delivered: 0, failedAttempts: 0, gaveUp: 0 }
+    const client = yield* makeClient
     const inflight = new Set<string>()
     let stopping = false
 
@@ -169,6 +183,7 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
         FROM due WHERE c.id = due.id
         RETURNING c.id::text AS id, c.job_id::text AS job_id, c.url, c.payload::text AS body,
                   c.idempotency_key, c.attempts`.pipe(
+        // UPDATE … RETURNING gives no order: deliveries start oldest first.
         Effect.map((rows) => [...rows].sort((a, b) => Number(BigInt(a.id) - BigInt(b.id))))
       )
 
@@ -214,20 +229,28 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
       Effect.gen(function* () {
         const target = safeTarget(row.url)
         const attempt = row.attempts + 1
-        const result = yield* Effect.either(post(row, attempt, timeoutMs))
+        const result = yield* Effect.either(post(client, row, attempt, timeoutMs))
         if (result._tag === "Right") {
-          yield* markDelivered(row).pipe(Effect.retry(retryDb))
           counters.delivered++
+          yield* markDelivered(row).pipe(Effect.retry(retryDb))
           return
         }
+        counters.failedAttempts++
         const error = scrub(result.left.reason, row.url).slice(0, 1000)
         const giveUp = row.attempts >= delaysMs.length
         const delayMs = giveUp ? 0 : delaysMs[row.attempts]!
-        const updated = yield* markFailed(row, error, giveUp, delayMs).pipe(Effect.retry(retryDb))
-        counters.failedAttempts++
+        if (giveUp) counters.gaveUp++
+        const updated = yield* markFailed(row, error, giveUp, delayMs).pipe(
+          Effect.retry(retryDb),
+          // Counted in advance: taken back when this dispatcher did not mark the row.
+          Effect.onExit((exit) =>
+            Effect.sync(() => {
+              if (giveUp && !(Exit.isSuccess(exit) && exit.value.length > 0)) counters.gaveUp--
+            })
+          )
+        )
         if (updated.length === 0) return
         if (giveUp) {
-          counters.gaveUp++
           yield* Effect.logWarning(
             `callback ${row.idempotency_key} to ${target} given up after ${attempt} attempts: ${error}`
           )
@@ -339,20 +362,34 @@ interface OutboxRow {
 /** An attempt that got no 2xx; `reason` is free of the url's secrets. */
 class DeliveryFailed extends Data.TaggedError("DeliveryFailed")<{ readonly reason: string }> {}
 
-/** POST the payload; succeeds on a 2xx only. */
-const post = (row: OutboxRow, attempt: number, timeoutMs: number): Effect.Effect<void, DeliveryFailed> =>
+/**
+ * Node's HTTP client on an agent that closes with the scope. Tracing is off for it: a span
+ * would record the url with its query string (where callers put tokens) and add trace
+ * headers the callback's receiver never got before.
+ */
+const makeClient: Effect.Effect<HttpClient.HttpClient, never, Scope.Scope> = NodeHttpClient.make.pipe(
+  Effect.provideServiceEffect(NodeHttpClient.HttpAgent, NodeHttpClient.makeAgent()),
+  Effect.map(HttpClient.withTracerDisabledWhen(() => true))
+)
+
+/** POST the payload; succeeds on a 2xx only. The timeout covers the request and the part of the body read. */
+const post = (
+  client: HttpClient.HttpClient,
+  row: OutboxRow,
+  attempt: number,
+  timeoutMs: number
+): Effect.Effect<void, DeliveryFailed> =>
   Effect.gen(function* () {
     const parsed = parseTarget(row.url)
     if (parsed === undefined) {
       return yield* new DeliveryFailed({ reason: "the callback url is not a valid http(s) url" })
     }
     const headers: Record<string, string> = {
-      "Content-Type": "application/json",
       "Idempotency-Key": row.idempotency_key,
       "X-Troupe-Attempt": String(attempt),
       "User-Agent": "troupe-callbacks"
     }
-    // fetch refuses urls with credentials: send them as Basic auth instead.
+    // Credentials in the url are sent as Basic auth, and kept out of the url the client sees.
     if (parsed.username !== "" || parsed.password !== "") {
       const user = decodeURIComponent(parsed.username)
       const password = decodeURIComponent(parsed.password)
@@ -360,35 +397,35 @@ const post = (row: OutboxRow, attempt: number, timeoutMs: number): Effect.Effect
       parsed.username = ""
       parsed.password = ""
     }
-    yield* Effect.tryPromise({
-      try: async (interrupted) => {
-        const signal = AbortSignal.any([interrupted, AbortSignal.timeout(timeoutMs)])
-        const response = await fetch(parsed, {
-          method: "POST",
-          headers,
-          body: row.body,
-          redirect: "manual",
-          signal
-        })
-        if (response.status >= 200 && response.status < 300) {
-          await response.body?.cancel().catch(() => undefined)
-          return
-        }
-        const text = await readSome(response, 300).catch(() => "")
-        const statusText = response.statusText ? ` ${response.statusText}` : ""
-        throw new DeliveryFailed({
-          reason: `HTTP ${response.status}${statusText}${text ? `: ${text.replace(/\s+/g, " ").trim()}` : ""}`
-        })
-      },
-      catch: (error) => {
-        if (error instanceof DeliveryFailed) return error
-        const name = (error as { name?: string } | null)?.name
-        if (name === "TimeoutError")
-          return new DeliveryFailed({ reason: `no response within ${timeoutMs} ms` })
-        return new DeliveryFailed({ reason: `request failed: ${describe(error)}` })
-      }
+    const request = HttpClientRequest.post(parsed).pipe(
+      HttpClientRequest.setHeaders(headers),
+      HttpClientRequest.bodyText(row.body, "application/json")
+    )
+    // The scope aborts the request when it closes: a 2xx's body is never read.
+    const response = yield* client.pipe(HttpClient.withScope).execute(request)
+    if (response.status >= 200 && response.status < 300) return
+    const text = yield* readSome(response, 300)
+    const statusText = Http.STATUS_CODES[response.status]
+    return yield* new DeliveryFailed({
+      reason: `HTTP ${response.status}${statusText ? ` ${statusText}` : ""}${
+        text ? `: ${text.replace(/\s+/g, " ").trim()}` : ""
+      }`
     })
-  })
+  }).pipe(
+    Effect.scoped,
+    Effect.catchTags({
+      RequestError: (error) =>
+        Effect.fail(new DeliveryFailed({ reason: `request failed: ${describe(error.cause ?? error)}` })),
+      ResponseError: (error) =>
+        Effect.fail(
+          new DeliveryFailed({ reason: `reading the response failed: ${describe(error.cause ?? error)}` })
+        )
+    }),
+    Effect.timeoutFail({
+      duration: Duration.millis(timeoutMs),
+      onTimeout: () => new DeliveryFailed({ reason: `no response within ${timeoutMs} ms` })
+    })
+  )
 
 /** An http(s) URL, or undefined. */
 const parseTarget = (url: string): URL | undefined => {
@@ -419,20 +456,15 @@ const scrub = (text: string, url: string): string => {
   return out
 }
 
-/** The first `max` characters of a response body, without reading the rest. */
-const readSome = async (response: Response, max: number): Promise<string> => {
-  if (!response.body) return ""
-  const reader = response.body.getReader()
-  const decoder = new TextDecoder()
-  let text = ""
-  try {
-    while (text.length < max) {
-      const { done, value } = await reader.read()
-      if (done) break
-      text += decoder.decode(value, { stream: true })
-    }
-  } finally {
-    await reader.cancel().catch(() => undefined)
-  }
-  return text.slice(0, max)
-}
+/** The first `max` characters of a response body, without reading the rest ("" if it cannot be read). */
+const readSome = (response: HttpClientResponse.HttpClientResponse, max: number): Effect.Effect<string> =>
+  response.stream.pipe(
+    Stream.decodeText(),
+    Stream.runFoldWhile(
+      "",
+      (text) => text.length < max,
+      (text, chunk) => text + chunk
+    ),
+    Effect.map((text) => text.slice(0, max)),
+    Effect.orElseSucceed(() => "")
+  )

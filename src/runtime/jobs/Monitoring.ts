@@ -3,9 +3,13 @@
  * `GET /api/v1/monitoring/workers` (and the socket's `workers.list`) show them, and the
  * database-wide part of `GET /metrics` (jobs by status, mailbox depth per node, workers by
  * status) with this process's routing-latency histogram. Read-only queries.
+ *
+ * `/metrics` is rendered by prom-client from a registry of each `make`'s own (not
+ * prom-client's global one); the gauges are set from the database at each scrape.
  */
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
+import * as Prometheus from "prom-client"
 import type { MonitoredWorker } from "../../protocol/Edge.ts"
 import { PersistenceError } from "../../protocol/Errors.ts"
 import { JobStatus } from "../../protocol/Jobs.ts"
@@ -137,42 +141,74 @@ export const make: Effect.Effect<Monitoring, never, SqlClient.SqlClient> = Effec
     ORDER BY 1`)
     .pipe(Effect.mapError(persistence))
 
+  // --- Metrics ---
+
+  const registry = new Prometheus.Registry()
+  const jobsGauge = new Prometheus.Gauge({
+    name: "troupe_jobs",
+    help: "Jobs in gh_automation_jobs by status.",
+    labelNames: ["status"],
+    registers: [registry]
+  })
+  const depthGauge = new Prometheus.Gauge({
+    name: "troupe_mailbox_depth",
+    help: "Pending (unclaimed) actor_mailbox rows per node: every node that is up, and any node id with pending rows.",
+    labelNames: ["node"],
+    registers: [registry]
+  })
+  const workersGauge = new Prometheus.Gauge({
+    name: "troupe_workers",
+    help: "Registered workers by derived status (as GET /api/v1/monitoring/workers reports them).",
+    labelNames: ["status"],
+    registers: [registry]
+  })
+  registerHistogram(
+    registry,
+    "troupe_routing_latency_seconds",
+    "Round trip of asks sent by this process's nodes through the mailbox (send to reply received): two deliveries plus the receiving handler's time. Timed-out asks are not observed.",
+    Histogram.routingLatency
+  )
+  // The gauges are shared: one scrape sets and renders them at a time.
+  const rendering = yield* Effect.makeSemaphore(1)
+
   const metrics = Effect.all([jobCounts, mailboxDepths, workerRows.pipe(provided)], {
     concurrency: "unbounded"
   }).pipe(
-    Effect.map(([jobs, depths, workerList]) => {
-      const byStatus = new Map(jobs.map((r) => [r.status, r.n]))
-      const byState = new Map<string, number>()
-      for (const w of workerList) byState.set(w.state, (byState.get(w.state) ?? 0) + 1)
-      return [
-        gauge(
-          "troupe_jobs",
-          "Jobs in gh_automation_jobs by status.",
-          JobStatus.literals.map((s) => [{ status: s }, byStatus.get(s) ?? 0])
-        ),
-        gauge(
-          "troupe_mailbox_depth",
-          "Pending (unclaimed) actor_mailbox rows per node: every node that is up, and any node id with pending rows.",
-          depths.map((d) => [{ node: d.node }, d.n])
-        ),
-        gauge(
-          "troupe_workers",
-          "Registered workers by derived status (as GET /api/v1/monitoring/workers reports them).",
-          workerStates.map((s) => [{ status: s }, byState.get(s) ?? 0])
-        ),
-        Histogram.render(
-          "troupe_routing_latency_seconds",
-          "Round trip of asks sent by this process's nodes through the mailbox (send to reply received): two deliveries plus the receiving handler's time. Timed-out asks are not observed.",
-          Histogram.routingLatency
-        )
-      ].join("")
-    })
+    Effect.flatMap(([jobs, depths, workerList]) =>
+      rendering.withPermits(1)(
+        Effect.suspend(() => {
+          const byStatus = new Map(jobs.map((r) => [r.status, r.n]))
+          const byState = new Map<string, number>()
+          for (const w of workerList) byState.set(w.state, (byState.get(w.state) ?? 0) + 1)
+          jobsGauge.reset()
+          for (const status of JobStatus.literals) jobsGauge.set({ status }, byStatus.get(status) ?? 0)
+          depthGauge.reset()
+          for (const d of depths) depthGauge.set({ node: d.node }, d.n)
+          workersGauge.reset()
+          for (const status of workerStates) workersGauge.set({ status }, byState.get(status) ?? 0)
+          return Effect.promise(() => registry.metrics())
+        })
+      )
+    )
   )
 
   return { workers, metrics } satisfies Monitoring
 })
 
-/** A gauge family in the Prometheus text format: `# HELP`, `# TYPE`, then one sample per label set. */
+/** Serve a core `Histogram` from a prom-client registry: each scrape renders its snapshot of that moment. */
+export const registerHistogram = (
+  registry: Prometheus.Registry,
+  name: string,
+  help: string,
+  histogram: Histogram.Histogram
+): void => {
+  new SnapshotHistogram(name, help, histogram, registry)
+}
+
+/**
+ * A gauge family in the Prometheus text format (`# HELP`, `# TYPE`, one sample per label
+ * set), for a series a door appends to `metrics` itself (the gateway's open sockets).
+ */
 export const gauge = (
   name: string,
   help: string,
@@ -189,6 +225,50 @@ export const gauge = (
 }
 
 // --- internal ---
+
+/**
+ * A prom-client histogram whose series are a core `Histogram`'s snapshot at scrape time:
+ * the routing path observes into that one, which allocates nothing per value, and
+ * prom-client can neither take bucket counts from elsewhere nor register a custom collector
+ * (prometheus/client_js#241). prom-client 15's registry renders a metric from
+ * `getForPromString` (its `get` builds on it too), so that is what this overrides.
+ */
+class SnapshotHistogram extends Prometheus.Histogram {
+  readonly #name: string
+  readonly #help: string
+  readonly #source: Histogram.Histogram
+
+  constructor(name: string, help: string, source: Histogram.Histogram, registry: Prometheus.Registry) {
+    super({ name, help, buckets: [...source.bounds], registers: [registry] })
+    this.#name = name
+    this.#help = help
+    this.#source = source
+  }
+
+  /** The snapshot in prom-client's shape: one `_bucket` per bound and `+Inf` (cumulative), `_sum`, `_count`. */
+  async getForPromString() {
+    const s = this.#source.snapshot()
+    const sample = (metricName: string, labels: Record<string, string | number>, value: number) => ({
+      metricName,
+      labels,
+      sharedLabels: {},
+      value
+    })
+    const bucket = `${this.#name}_bucket`
+    return {
+      name: this.#name,
+      help: this.#help,
+      type: "histogram",
+      aggregator: "sum",
+      values: [
+        ...s.bounds.map((le, i) => sample(bucket, { le }, s.cumulative[i]!)),
+        sample(bucket, { le: "+Inf" }, s.cumulative[s.bounds.length]!),
+        sample(`${this.#name}_sum`, {}, s.sum),
+        sample(`${this.#name}_count`, {}, s.count)
+      ]
+    }
+  }
+}
 
 const iso = (d: Date | string): string => new Date(d).toISOString()
 
