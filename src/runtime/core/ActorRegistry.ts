@@ -1,10 +1,12 @@
 /**
  * `actor_registry`: actor id → node id + epoch + status, with a per-node cache that NOTIFY
  * on `registry:changed` invalidates (and a reconnect of the listener clears, since
- * invalidations may have been missed while it was down).
+ * invalidations may have been missed while it was down). Statements fail with
+ * `PersistenceError`.
  */
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
+import { refailAll } from "../db/Persistence.ts"
 import { nodeChannel, registryChannel } from "../../protocol/Ids.ts"
 
 /** Where an actor lives. */
@@ -116,15 +118,15 @@ export const make = Effect.gen(function* () {
       if (hit) cache.set(actorId, { ...hit, status: "failed" })
     })
 
-  return {
+  return refailAll({
     lookupMany,
     place,
     markFailed,
     /** Drop one cached placement (on a `registry:changed` NOTIFY). */
-    invalidate: (actorId: string) => void cache.delete(actorId),
+    invalidate: (actorId: string): void => void cache.delete(actorId),
     /** Drop every cached placement (after a reconnect of the listener). */
-    invalidateAll: () => cache.clear()
-  } as const
+    invalidateAll: (): void => cache.clear()
+  })
 })
 
 /** The registry functions. */

@@ -1,6 +1,8 @@
 /**
  * The durable mailbox: `actor_mailbox` rows, the wake-up NOTIFY sent in the same statement,
- * claims in batches, acknowledgements, dead letters and the diagnostic message log.
+ * claims in batches, acknowledgements, dead letters, the diagnostic message log and its
+ * trim, and the actors' lifecycle events (`actor_events`). Every statement fails with
+ * `PersistenceError`.
  *
  * A row is addressed to the node that hosts its actor, looked up in `actor_registry` inside
  * the insert itself, so a tell never needs a registry round trip and a tell to an unknown id
@@ -12,7 +14,8 @@
  */
 import { SqlClient } from "@effect/sql"
 import { Effect, Either, Schema } from "effect"
-import { type PreparedPool, runHot } from "../db/Database.ts"
+import { refailAll } from "../db/Persistence.ts"
+import { type PreparedPool, runHot } from "../db/PreparedPool.ts"
 import { nodeChannel } from "../../protocol/Ids.ts"
 
 /** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
@@ -38,6 +41,15 @@ export interface InboundRow {
   readonly reply_to: string | null
   readonly correlation_id: string | null
   readonly body: unknown
+}
+
+/** An actor's lifecycle event. */
+export interface ActorEvent {
+  readonly actorId: string
+  readonly nodeId: string
+  readonly eventType: string
+  readonly message: string
+  readonly metadata: Record<string, unknown>
 }
 
 /** A dead letter to store. */
@@ -180,11 +192,22 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
           ${letters.map((l) => l.reason)}::text[]
         )`
 
-    /** Drop message-log rows older than the retention. */
-    const trimLog = (olderThanSeconds: number) =>
-      sql`DELETE FROM actor_message_log WHERE handled_at < now() - make_interval(secs => ${olderThanSeconds})`
+    /** The newest id in the message log ("0" when empty): a mark for `trimLog`. */
+    const logMark = () =>
+      sql<{ max: string | null }>`SELECT max(id)::text AS max FROM actor_message_log`.pipe(
+        Effect.map((rows) => rows[0]?.max ?? "0")
+      )
 
-    return {
+    /** Drop message-log rows up to a mark taken earlier (ids grow, so that is the older ones). */
+    const trimLog = (upTo: string) => sql`DELETE FROM actor_message_log WHERE id <= ${upTo}::bigint`
+
+    /** Record an actor's lifecycle event (`actor_restarted`, `actor_failed`) for the inspector. */
+    const writeEvent = (event: ActorEvent) =>
+      sql`INSERT INTO actor_events (actor_id, node_id, event_type, message, metadata)
+          VALUES (${event.actorId}, ${event.nodeId}, ${event.eventType}, ${event.message},
+                  ${JSON.stringify(event.metadata)}::jsonb)`.pipe(Effect.asVoid)
+
+    return refailAll({
       insert,
       registered,
       claim,
@@ -194,8 +217,10 @@ export const makeWith = (options: { readonly prepared?: PreparedPool | undefined
       ack,
       forward,
       deadLetter,
-      trimLog
-    } as const
+      logMark,
+      trimLog,
+      writeEvent
+    })
   })
 
 /** Create the storage functions over the current `SqlClient` (every statement unnamed). */

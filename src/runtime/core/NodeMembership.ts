@@ -7,7 +7,10 @@ import { SqlClient } from "@effect/sql"
 import { Data, Duration, Effect, type Redacted, Schedule, type Scope } from "effect"
 import * as Crypto from "node:crypto"
 import * as Os from "node:os"
+import { describe } from "../db/Database.ts"
+import { refail } from "../db/Persistence.ts"
 import * as Notifier from "./Notifier.ts"
+import { PersistenceError } from "../../protocol/Errors.ts"
 
 /** Another live process already runs a node with this id. */
 export class NodeIdInUse extends Data.TaggedError("NodeIdInUse")<{ readonly nodeId: string }> {
@@ -32,7 +35,7 @@ export const make = (options: {
   readonly address: string | null
   readonly directUrl: Redacted.Redacted<string>
   readonly heartbeat: Duration.DurationInput
-}): Effect.Effect<void, NodeIdInUse | unknown, SqlClient.SqlClient | Scope.Scope> =>
+}): Effect.Effect<void, NodeIdInUse | PersistenceError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
     const key = lockKey(options.nodeId)
@@ -40,28 +43,39 @@ export const make = (options: {
       url: options.directUrl,
       applicationName: `troupe-lock:${options.nodeId}`,
       failFast: true,
-      setup: async (client) => {
-        const res = await client.query("SELECT pg_try_advisory_lock($1::bigint) AS ok", [key.toString()])
-        if (!res.rows[0]?.ok) throw new NodeIdInUse({ nodeId: options.nodeId })
-      }
+      setup: (client) =>
+        Effect.tryPromise({
+          try: () => client.query("SELECT pg_try_advisory_lock($1::bigint) AS ok", [key.toString()]),
+          catch: (error) => new PersistenceError({ reason: describe(error) })
+        }).pipe(
+          Effect.filterOrFail(
+            (res) => res.rows[0]?.ok === true,
+            () => new NodeIdInUse({ nodeId: options.nodeId })
+          ),
+          Effect.asVoid
+        )
     })
     yield* session.ready.pipe(
       Effect.timeoutFail({
         duration: "30 seconds",
-        onTimeout: () => new Error("could not take the node lock within 30 s")
+        onTimeout: () =>
+          new PersistenceError({
+            reason: "could not take the node lock within 30 s: is the database reachable?"
+          })
       })
     )
-    yield* sql`
+    yield* refail(sql`
       INSERT INTO nodes (id, role, address, pid, hostname, lock_key, started_at, last_heartbeat, status)
       VALUES (${options.nodeId}, ${options.role}, ${options.address}, ${process.pid}, ${Os.hostname()},
               ${key.toString()}::bigint, now(), now(), 'running')
       ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, address = EXCLUDED.address, pid = EXCLUDED.pid,
         hostname = EXCLUDED.hostname, lock_key = EXCLUDED.lock_key, started_at = now(), last_heartbeat = now(),
-        status = 'running'`
+        status = 'running'`)
     yield* sql`UPDATE nodes SET last_heartbeat = now() WHERE id = ${options.nodeId}`.pipe(
       Effect.catchAllCause((cause) => Effect.logWarning("node heartbeat failed", cause)),
       Effect.repeat({ schedule: Schedule.spaced(Duration.decode(options.heartbeat)) }),
       Effect.interruptible,
+      Effect.annotateLogs({ module: "NodeMembership", node: options.nodeId }),
       Effect.forkScoped
     )
     yield* Effect.addFinalizer(() =>

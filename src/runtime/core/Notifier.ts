@@ -8,38 +8,40 @@
  */
 import { Deferred, Duration, Effect, Fiber, Random, Redacted, type Scope } from "effect"
 import pg from "pg"
+import { describe } from "../db/Database.ts"
+import { PersistenceError } from "../../protocol/Errors.ts"
 
-/** A running listener. */
-export interface Notifier {
+/** A running listener; `E` is what its `setup` may fail with. */
+export interface Notifier<E = never> {
   /** Subscribe to a channel; the callback runs on every NOTIFY on it. */
   readonly listen: (channel: string, onPayload: (payload: string) => void) => Effect.Effect<void>
   /** Run after every (re)connect, once all LISTENs are in place. Runs at once if connected now. */
   readonly onConnect: (hook: () => void) => Effect.Effect<void>
   /** Resolves once the first connection is listening (fails if `failFast` and the first attempt fails). */
-  readonly ready: Effect.Effect<void, unknown>
+  readonly ready: Effect.Effect<void, PersistenceError | E>
   /** How many times the connection was established. */
   readonly connections: () => number
 }
 
 /** Options of a notifier. */
-export interface Options {
+export interface Options<E = never> {
   readonly url: Redacted.Redacted<string>
   /** `application_name` of the session, so operators (and tests) can find it. */
   readonly applicationName: string
   readonly minBackoff?: Duration.DurationInput
   readonly maxBackoff?: Duration.DurationInput
-  /** Run on every new connection before the LISTENs (e.g. take an advisory lock); a rejection drops the connection. */
-  readonly setup?: (client: pg.Client) => Promise<void>
+  /** Run on every new connection before the LISTENs (e.g. take an advisory lock); a failure drops the connection. */
+  readonly setup?: (client: pg.Client) => Effect.Effect<void, E>
   /** When the first connection fails, fail `ready` instead of retrying quietly. */
   readonly failFast?: boolean
 }
 
 /** Start a notifier for the lifetime of the scope. */
-export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Scope> =>
+export const make = <E = never>(options: Options<E>): Effect.Effect<Notifier<E>, never, Scope.Scope> =>
   Effect.gen(function* () {
     const channels = new Map<string, Set<(payload: string) => void>>()
     const hooks = new Set<() => void>()
-    const ready = yield* Deferred.make<void, unknown>()
+    const ready = yield* Deferred.make<void, PersistenceError | E>()
     let client: pg.Client | undefined
     let connected = false
     let connections = 0
@@ -81,14 +83,19 @@ export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Sco
           c.removeAllListeners("notification")
         }).pipe(Effect.zipRight(Effect.promise(() => c.end().catch(() => undefined))))
       )
-      yield* Effect.tryPromise(async () => {
-        await c.connect()
-        if (options.setup) await options.setup(c)
+      yield* Effect.gen(function* () {
+        yield* Effect.tryPromise({ try: () => c.connect(), catch: persistence })
+        if (options.setup) yield* options.setup(c)
         client = c
-        for (const channel of channels.keys()) await listenSql(c, channel)
+        yield* Effect.tryPromise({
+          try: async () => {
+            for (const channel of channels.keys()) await listenSql(c, channel)
+          },
+          catch: persistence
+        })
       }).pipe(
-        Effect.tapError((cause) =>
-          connections === 0 && options.failFast ? Deferred.fail(ready, cause.error) : Effect.void
+        Effect.tapError((error) =>
+          connections === 0 && options.failFast ? Deferred.fail(ready, error) : Effect.void
         )
       )
       connected = true
@@ -111,13 +118,11 @@ export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Sco
         attempt++
         const delay = Math.round((yield* Random.next) * cap)
         if (connections === before && attempt > 1) {
-          yield* Effect.logDebug(
-            `listener ${options.applicationName}: reconnecting in ${delay} ms (attempt ${attempt})`
-          )
+          yield* Effect.logDebug(`reconnecting in ${delay} ms (attempt ${attempt})`)
         }
         yield* Effect.sleep(Duration.millis(delay))
       }
-    })
+    }).pipe(Effect.annotateLogs({ module: "Notifier", listener: options.applicationName }))
     const fiber = yield* Effect.forkScoped(Effect.interruptible(loop))
     yield* Effect.addFinalizer(() => Fiber.interrupt(fiber))
 
@@ -140,5 +145,9 @@ export const make = (options: Options): Effect.Effect<Notifier, never, Scope.Sco
         }),
       ready: Deferred.await(ready),
       connections: () => connections
-    } satisfies Notifier
+    } satisfies Notifier<E>
   })
+
+// --- internal ---
+
+const persistence = (error: unknown) => new PersistenceError({ reason: describe(error) })

@@ -23,7 +23,8 @@ import { Deferred, Duration, Effect, Exit, Queue, Schema, type Scope } from "eff
 import { EventId, type EventRecord } from "../../protocol/Edge.ts"
 import { PersistenceError } from "../../protocol/Errors.ts"
 import { InvalidRequest, isJobId, NotFound } from "../../protocol/Jobs.ts"
-import { describe, runHot } from "../db/Database.ts"
+import { describe } from "../db/Database.ts"
+import { runHot } from "../db/PreparedPool.ts"
 import type { TroupeNode } from "../core/Node.ts"
 
 /** The NOTIFY channel the insert triggers of both event tables wake the tails on. */
