@@ -1,14 +1,14 @@
 /**
- * The reaper: one per database at a time (whoever holds the `reaper` lease), it settles the
+ * The reaper: one per database at a time (a `Singleton` on the `reaper` lease), it settles the
  * jobs of workers that are gone and of attempts past their deadline. A node's session
  * advisory lock disappears the moment its process dies, so a SIGKILLed worker's jobs are
  * requeued (or failed, for `strict`) within one reaper period; a stale heartbeat is the
  * fallback for a partitioned node that still holds its lock.
  */
-import { SqlClient } from "@effect/sql"
+import type { SqlClient } from "@effect/sql"
 import { Duration, Effect, type Scope } from "effect"
 import * as JobStorage from "./JobStorage.ts"
-import { aliveSql } from "../core/NodeMembership.ts"
+import * as Singleton from "../core/Singleton.ts"
 
 /** Options of the reaper. */
 export interface Options {
@@ -40,28 +40,15 @@ export interface Reaper {
 /** Run the reaper for the lifetime of the scope. */
 export const make = (options: Options): Effect.Effect<Reaper, never, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
-    const sql = yield* SqlClient.SqlClient
     const storage = yield* JobStorage.make
     const interval = Duration.decode(options.interval ?? "250 millis")
     const staleSeconds = Duration.toSeconds(options.staleAfter ?? "30 seconds")
     const graceSeconds = Duration.toSeconds(options.timeoutGrace ?? "5 seconds")
     const backoffBaseMs = Duration.toMillis(options.backoffBase ?? "250 millis")
     const backoffMaxMs = Duration.toMillis(options.backoffMax ?? "30 seconds")
-    const leaseSeconds = Duration.toSeconds(options.leaseTtl ?? "5 seconds")
     const counters = { rounds: 0, requeued: 0, failed: 0, workersOffline: 0 }
-    let held = false
-
-    // The lease passes on when it expires, or at once when its holder's node is dead.
-    const acquire = sql<{ holder: string }>`
-      INSERT INTO leases (name, holder, expires_at) VALUES ('reaper', ${options.nodeId}, now() + make_interval(secs => ${leaseSeconds}))
-      ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
-      WHERE leases.holder = EXCLUDED.holder OR leases.expires_at < now()
-         OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = leases.holder AND n.status = 'running' AND ${sql.literal(aliveSql)})
-      RETURNING holder`.pipe(Effect.map((rows) => rows.length > 0))
 
     const round = Effect.gen(function* () {
-      held = yield* acquire
-      if (!held) return
       counters.rounds++
       const reaped = yield* storage.reap({ staleSeconds, graceSeconds, backoffBaseMs, backoffMaxMs })
       for (const r of reaped) {
@@ -76,23 +63,22 @@ export const make = (options: Options): Effect.Effect<Reaper, never, SqlClient.S
       counters.workersOffline += offline.length
       if (reaped.length > 0 || offline.length > 0) {
         yield* Effect.logInfo(
-          `reaper: ${reaped.filter((r) => r.status === "queued").length} requeued, ${reaped.filter((r) => r.status === "failed").length} failed, ${offline.length} workers offline`
+          `${reaped.filter((r) => r.status === "queued").length} requeued, ${reaped.filter((r) => r.status === "failed").length} failed, ${offline.length} workers offline`
         )
       }
     })
 
-    yield* round.pipe(
-      Effect.catchAllCause((cause) => Effect.logWarning("reaper round failed", cause)),
-      Effect.zipRight(Effect.sleep(interval)),
-      Effect.forever,
-      Effect.interruptible,
-      Effect.forkScoped
+    // The lease is renewed as often as the reaper looks: taking over from a dead holder is
+    // bounded by one period, as reaping is.
+    const lease = yield* Singleton.make(
+      "reaper",
+      round.pipe(
+        Effect.catchAllCause((cause) => Effect.logWarning("reaper round failed", cause)),
+        Effect.zipRight(Effect.sleep(interval)),
+        Effect.forever,
+        Effect.annotateLogs({ module: "Reaper", node: options.nodeId })
+      ),
+      { holder: options.nodeId, ttl: options.leaseTtl ?? "5 seconds", renewEvery: interval }
     )
-    yield* Effect.addFinalizer(() =>
-      sql`DELETE FROM leases WHERE name = 'reaper' AND holder = ${options.nodeId}`.pipe(
-        Effect.timeout("2 seconds"),
-        Effect.ignore
-      )
-    )
-    return { stats: () => ({ ...counters }), holdsLease: () => held }
+    return { stats: () => ({ ...counters }), holdsLease: lease.holds }
   })
