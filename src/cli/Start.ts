@@ -12,6 +12,7 @@ import * as CallbackDispatcher from "../runtime/jobs/CallbackDispatcher.ts"
 import { NodeConfig } from "../runtime/Config.ts"
 import * as Database from "../runtime/db/Database.ts"
 import * as EventStream from "../runtime/jobs/EventStream.ts"
+import * as Auth from "../edge/Auth.ts"
 import * as Gateway from "../edge/Gateway.ts"
 import type * as JobHandler from "../runtime/jobs/JobHandler.ts"
 import * as Jobs from "../edge/Jobs.ts"
@@ -63,7 +64,7 @@ const serve = (config: Config.Config.Success<typeof NodeConfig>, handlers: JobHa
       yield* Reaper.make({ nodeId: node.id })
       yield* CallbackDispatcher.makeConfig({ node, nodeId: node.id })
       const edge = yield* Gateway.GatewayConfig
-      const { secret, source } = yield* Gateway.resolveSecret(edge.secret, config.dataDir)
+      const { secret, source } = yield* Auth.resolveSecret(edge.secret, config.dataDir)
       const events = yield* EventStream.make(node)
       const gateway = yield* Gateway.make(jobs, events, {
         port: edge.port,

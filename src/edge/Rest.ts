@@ -18,8 +18,7 @@
 import { type HttpApp, HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeHttpServerRequest } from "@effect/platform-node"
 import { SqlClient } from "@effect/sql"
-import { Cause, Data, Effect, Either, ParseResult, Redacted, Schema } from "effect"
-import * as Crypto from "node:crypto"
+import { Cause, Effect, Either, ParseResult, type Redacted, Schema } from "effect"
 import packageJson from "../../package.json" with { type: "json" }
 import * as Edge from "../protocol/Edge.ts"
 import {
@@ -35,6 +34,8 @@ import type { EventStream } from "../runtime/jobs/EventStream.ts"
 import type { JobService } from "./Jobs.ts"
 import type { Monitoring } from "../runtime/jobs/Monitoring.ts"
 import { gauge } from "../runtime/jobs/Monitoring.ts"
+import { authorized } from "./Auth.ts"
+import * as EdgeError from "./EdgeError.ts"
 
 /** What the REST routes need. */
 export interface RestOptions {
@@ -59,69 +60,6 @@ export const maxBodyBytes = Edge.maxFrameBytes
 
 /** The `service` that `GET /health` reports. */
 export const serviceName = "troupe-gateway"
-
-/**
- * Whether an `Authorization` header carries the secret (`Bearer <secret>`, scheme
- * case-insensitive). Constant time: the sha256 digests of both are compared with
- * `timingSafeEqual`, so neither the secret's length nor a matching prefix shows in timing.
- */
-export const authorized = (header: string | undefined, secret: Redacted.Redacted<string>): boolean => {
-  const match = header === undefined ? null : /^\s*bearer\s+(.+?)\s*$/i.exec(header)
-  return match !== null && sameSecret(match[1]!, secret)
-}
-
-/**
- * Whether `given` is the secret (an empty secret matches nothing). Constant time: the
- * sha256 digests of both are compared with `timingSafeEqual`.
- */
-export const sameSecret = (given: string, secret: Redacted.Redacted<string>): boolean => {
-  const expected = Redacted.value(secret)
-  return expected.length > 0 && Crypto.timingSafeEqual(digest(given), digest(expected))
-}
-
-/** The HTTP status and `RestError` body for an error of the job service (or of a route). */
-export const errorResponse = (
-  error: unknown
-): { readonly status: number; readonly body: typeof Edge.RestError.Type } => {
-  const e = error as { _tag?: string; message?: string }
-  const body = (code: Edge.ErrorCode, message: string, details?: unknown) => ({
-    error: details === undefined ? { code, message } : { code, message, details }
-  })
-  switch (e?._tag) {
-    case "RestFailure": {
-      const f = error as RestFailure
-      return { status: f.status, body: body(f.code, f.message, f.details) }
-    }
-    case "InvalidRequest":
-      return { status: 400, body: body("INVALID_FRAME", e.message!, fieldsOf(error)) }
-    case "NotFound":
-      return { status: 404, body: body("NOT_FOUND", e.message!, fieldsOf(error)) }
-    case "Conflict":
-      return { status: 409, body: body("CONFLICT", e.message!, fieldsOf(error)) }
-    case "WorkerUnavailable":
-      return { status: 409, body: body("WORKER_UNAVAILABLE", e.message!, fieldsOf(error)) }
-    case "RequestTimeout":
-      return { status: 504, body: body("TIMEOUT", e.message!, fieldsOf(error)) }
-    case "RouteNotFound": {
-      const request = (error as { request: HttpServerRequest.HttpServerRequest }).request
-      return {
-        status: 404,
-        body: body(
-          "NOT_FOUND",
-          `no route ${request.method} ${request.url.split("?")[0]}: see docs/OPERATIONS.md`
-        )
-      }
-    }
-    case "PersistenceError":
-      // The reason (a driver message) stays in the log: it may name hosts and users.
-      return {
-        status: 500,
-        body: body("INTERNAL", "the database did not answer or refused the request; retry shortly")
-      }
-    default:
-      return { status: 500, body: body("INTERNAL", "internal error; the gateway's log has the details") }
-  }
-}
 
 /** The REST routes, health and metrics as one HTTP app (serve it with `NodeHttpServer.makeHandler`). */
 export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.SqlClient> => {
@@ -169,16 +107,15 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
 
   const deregister = Effect.gen(function* () {
     const input = yield* jsonBody(false)
-    yield* validate(DeregisterRequest, input)
-    return respond(DeregisterResult, yield* jobs.deregister(input))
+    const request = yield* validate(DeregisterRequest, input)
+    return respond(DeregisterResult, yield* jobs.deregisterWith(request))
   })
 
   // --- Jobs ---
 
   const submit = Effect.gen(function* () {
     const input = yield* jsonBody(false)
-    yield* validate(SubmitJob, input)
-    const job = yield* jobs.submit(input)
+    const job = yield* jobs.submitJob(yield* validate(SubmitJob, input))
     return respond(Job, job, { status: 201, headers: { location: `/api/v1/jobs/${job.id}` } })
   })
 
@@ -197,8 +134,8 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
   const resume = Effect.gen(function* () {
     const id = yield* jobId
     const input = yield* jsonBody(false)
-    yield* validate(Resolution, input)
-    return respond(JobState, yield* jobs.resume(id, input))
+    const resolution = yield* validate(Resolution, input)
+    return respond(JobState, yield* jobs.resumeWith(id, resolution))
   })
 
   const events = Effect.gen(function* () {
@@ -206,11 +143,8 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
     const search = yield* HttpServerRequest.ParsedSearchParams
     const since = search.since_event_id
     if (since !== undefined && (typeof since !== "string" || !/^[0-9]{1,18}$/.test(since))) {
-      return yield* new RestFailure({
-        status: 400,
-        code: "INVALID_FRAME",
-        message: "since_event_id must be one event id (a number)",
-        details: { since_event_id: since }
+      return yield* EdgeError.refuse("INVALID_FRAME", "since_event_id must be one event id (a number)", {
+        since_event_id: since
       })
     }
     const list = yield* options.events.history(id, { sinceEventId: since })
@@ -235,27 +169,26 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
     // Everything but the two public paths, spelled exactly, needs the secret: the router
     // ignores case, merges slashes and decodes `%xx`, so `//API/v1/…` must not slip past.
     if (!publicPaths.has(request.url.split("?")[0]!) && !authorized(request.headers.authorization, secret)) {
-      return yield* new RestFailure({
-        status: 401,
-        code: "UNAUTHORIZED",
-        message: "missing or wrong service secret: send Authorization: Bearer <GH_SERVICE_SECRET>"
-      })
+      return yield* EdgeError.refuse(
+        "UNAUTHORIZED",
+        "missing or wrong service secret: send Authorization: Bearer <GH_SERVICE_SECRET>"
+      )
     }
     return yield* router
   }).pipe(
     Effect.catchAllCause((cause) =>
       Effect.gen(function* () {
         if (Cause.isInterruptedOnly(cause)) return yield* Effect.interrupt
-        const failure = Cause.failureOption(cause)
-        const error = failure._tag === "Some" ? failure.value : undefined
-        const { status, body } = errorResponse(error)
+        const failure = EdgeError.fromCause(cause)
+        const { status } = failure
         if (status === 500) {
           const request = yield* HttpServerRequest.HttpServerRequest
           yield* Effect.logWarning(
             `${request.method} ${request.url.split("?")[0]} failed`,
-            redactCause(cause)
+            EdgeError.redactCause(cause)
           )
         }
+        const body: typeof Edge.RestError.Type = { error: EdgeError.errorBody(failure) }
         const response = HttpServerResponse.unsafeJson(body, { status })
         return status === 401
           ? HttpServerResponse.setHeader(response, "www-authenticate", "Bearer")
@@ -270,14 +203,6 @@ export const makeApp = (options: RestOptions): HttpApp.Default<never, SqlClient.
 /** The paths anyone may read (load balancers, Prometheus): everything else needs the secret. */
 const publicPaths = new Set(["/health", "/metrics"])
 
-/** A request refused by a route itself (auth, body, parameters). */
-class RestFailure extends Data.TaggedError("RestFailure")<{
-  readonly status: number
-  readonly code: Edge.ErrorCode
-  readonly message: string
-  readonly details?: unknown
-}> {}
-
 /**
  * A JSON response of exactly the protocol's shape: encoded with its Schema, which drops any
  * field outside the contract (a service's internal column, say).
@@ -288,36 +213,26 @@ const respond = <A, I>(
   options?: { readonly status?: number; readonly headers?: Record<string, string> }
 ) => HttpServerResponse.unsafeJson(Schema.encodeSync(schema)(value), options)
 
-const digest = (s: string) => Crypto.createHash("sha256").update(s, "utf8").digest()
-
-/** An error's own fields as `details`, without its tag and code. */
-const fieldsOf = (error: unknown): Record<string, unknown> => {
-  const { _tag, code, ...fields } = error as Record<string, unknown>
-  return fields
-}
-
 /** The `:id` of a job route; an id that is not a uuid names no job (404). */
 const jobId = Effect.flatMap(HttpRouter.params, (params) => {
   const id = params.id ?? ""
   return isJobId(id)
     ? Effect.succeed(id)
     : Effect.fail(
-        new RestFailure({
-          status: 404,
-          code: "NOT_FOUND",
-          message: `no job "${id.slice(0, 80)}": job ids are uuids`,
-          details: { what: "job", id: id.slice(0, 200) }
+        EdgeError.refuse("NOT_FOUND", `no job "${id.slice(0, 80)}": job ids are uuids`, {
+          what: "job",
+          id: id.slice(0, 200)
         })
       )
 })
 
 const tooLarge = () =>
-  new RestFailure({
-    status: 413,
-    code: "INVALID_FRAME",
-    message: `the body is larger than ${maxBodyBytes} bytes`,
-    details: { max_bytes: maxBodyBytes }
-  })
+  EdgeError.refuse(
+    "INVALID_FRAME",
+    `the body is larger than ${maxBodyBytes} bytes`,
+    { max_bytes: maxBodyBytes },
+    413
+  )
 
 /**
  * The request body as JSON (at most `maxBodyBytes`; `undefined` for an empty body when
@@ -331,7 +246,7 @@ const jsonBody = (optional: boolean) =>
     const declared = Number(request.headers["content-length"] ?? "0")
     if (declared > maxBodyBytes) return yield* tooLarge()
     const source = NodeHttpServerRequest.toIncomingMessage(request)
-    const text = yield* Effect.async<string, RestFailure>((resume) => {
+    const text = yield* Effect.async<string, EdgeError.EdgeFailure>((resume) => {
       const chunks: Array<Buffer> = []
       let bytes = 0
       const cleanup = () => {
@@ -353,15 +268,7 @@ const jsonBody = (optional: boolean) =>
       }
       const onError = () => {
         cleanup()
-        resume(
-          Effect.fail(
-            new RestFailure({
-              status: 400,
-              code: "INVALID_FRAME",
-              message: "the request body could not be read"
-            })
-          )
-        )
+        resume(Effect.fail(EdgeError.refuse("INVALID_FRAME", "the request body could not be read")))
       }
       source.on("data", onData)
       source.on("end", onEnd)
@@ -370,71 +277,28 @@ const jsonBody = (optional: boolean) =>
     })
     if (text.trim().length === 0) {
       if (optional) return undefined
-      return yield* new RestFailure({
-        status: 400,
-        code: "INVALID_FRAME",
-        message: "the body is empty: send a JSON object"
-      })
+      return yield* EdgeError.refuse("INVALID_FRAME", "the body is empty: send a JSON object")
     }
     const parsed = decodeJson(text)
     if (Either.isLeft(parsed)) {
-      return yield* new RestFailure({
-        status: 400,
-        code: "INVALID_FRAME",
-        message: "the body is not valid JSON"
-      })
+      return yield* EdgeError.refuse("INVALID_FRAME", "the body is not valid JSON")
     }
-    const malformed = malformedValue(parsed.right)
+    const malformed = EdgeError.malformedValue(parsed.right)
     if (malformed !== undefined) {
-      return yield* new RestFailure({
-        status: 400,
-        code: "INVALID_FRAME",
-        message: `invalid request: ${malformed}`
-      })
+      return yield* EdgeError.refuse("INVALID_FRAME", `invalid request: ${malformed}`)
     }
     return parsed.right
   })
 const decodeJson = Schema.decodeUnknownEither(Schema.parseJson())
 
-/** The deepest nesting a frame or body may have (the Schema formatter and JSON.stringify recurse). */
-const maxDepth = 64
-
-const unpairedSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
-
-/**
- * Why a parsed frame (or REST body) cannot be handled, if it cannot: nested deeper than `maxDepth`, or a
- * string or key holding U+0000 or an unpaired surrogate (Postgres stores neither in text or
- * jsonb). Iterative, so a frame nested 100,000 deep cannot overflow the stack.
- */
-export const malformedValue = (json: unknown): string | undefined => {
-  const badString = (s: string) => s.includes("\u0000") || unpairedSurrogate.test(s)
-  const stack: Array<readonly [unknown, number]> = [[json, 1]]
-  while (stack.length > 0) {
-    const [value, depth] = stack.pop()!
-    if (typeof value === "string") {
-      if (badString(value)) return "a string holds U+0000 or an unpaired surrogate; send well-formed text"
-    } else if (typeof value === "object" && value !== null) {
-      if (depth > maxDepth) return `nested deeper than ${maxDepth} levels`
-      for (const [key, item] of Object.entries(value)) {
-        if (badString(key)) return "a key holds U+0000 or an unpaired surrogate; send well-formed text"
-        stack.push([item, depth + 1])
-      }
-    }
-  }
-  return undefined
-}
-
-/** Check a body against its Schema (unknown fields are errors), with the issues as `details`. */
+/** Decode a body with its Schema (unknown fields are errors), with the issues as `details`: the value the service gets. */
 const validate = <A, I>(schema: Schema.Schema<A, I, never>, input: unknown) =>
   Effect.suspend(() => {
     const decoded = Schema.decodeUnknownEither(schema)(input, { onExcessProperty: "error", errors: "all" })
     if (Either.isRight(decoded)) return Effect.succeed(decoded.right)
     return Effect.fail(
-      new RestFailure({
-        status: 400,
-        code: "INVALID_FRAME",
-        message: "the body does not match its schema",
-        details: { issues: ParseResult.ArrayFormatter.formatErrorSync(decoded.left).slice(0, 20) }
+      EdgeError.refuse("INVALID_FRAME", "the body does not match its schema", {
+        issues: ParseResult.ArrayFormatter.formatErrorSync(decoded.left).slice(0, 20)
       })
     )
   })
@@ -442,7 +306,3 @@ const validate = <A, I>(schema: Schema.Schema<A, I, never>, input: unknown) =>
 const CancelBody = Schema.Struct({
   reason: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(200)))
 })
-
-/** A cause for the log, with any `scheme://user:password@` in its text masked. */
-const redactCause = (cause: Cause.Cause<unknown>) =>
-  Cause.pretty(cause).replace(/([a-z][a-z0-9+.-]*:\/\/[^:/@\s]+:)[^@\s]+@/gi, "$1***@")

@@ -21,8 +21,8 @@ import * as Http from "node:http"
 import packageJson from "../../package.json" with { type: "json" }
 import { type ErrorCode, Health, RestError, WorkerHealth, WorkerStatus } from "../protocol/Edge.ts"
 import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
-import { sameSecret } from "./Rest.ts"
-import type { Worker } from "../actors/Worker.ts"
+import { sameSecret } from "./Auth.ts"
+import type { Worker } from "../actors/WorkerActor.ts"
 
 /** Options of a worker node's HTTP server. */
 export interface Options {

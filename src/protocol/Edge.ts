@@ -114,22 +114,13 @@ export const ClientFrame = Schema.Union(
 )
 export type ClientFrame = typeof ClientFrame.Type
 
-/** The request types, in the order of `ClientFrame`. */
-export const requestTypes = [
-  "auth",
-  "job.submit",
-  "job.cancel",
-  "job.resume",
-  "job.get",
-  "job.events",
-  "subscribe",
-  "unsubscribe",
-  "workers.list",
-  "worker.drain",
-  "worker.deregister",
-  "ping"
-] as const
-export type RequestType = (typeof requestTypes)[number]
+/** The `type` a request schema of `ClientFrame` fixes (of its first variant, for a union such as `Subscribe`). */
+export const typeOf = (member: (typeof ClientFrame.members)[number]): RequestType =>
+  "members" in member ? member.members[0].fields.type.literals[0] : member.fields.type.literals[0]
+
+/** The request types, in the order of `ClientFrame` (read from its members, not written again). */
+export const requestTypes: ReadonlyArray<RequestType> = ClientFrame.members.map((member) => typeOf(member))
+export type RequestType = ClientFrame["type"]
 
 // --- results ---
 

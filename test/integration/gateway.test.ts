@@ -5,11 +5,13 @@
  */
 import { SqlClient } from "@effect/sql"
 import { describe, expect, layer } from "@effect/vitest"
-import { Deferred, Effect } from "effect"
+import { Deferred, Duration, Effect, Exit, Redacted, Scope } from "effect"
 import * as Crypto from "node:crypto"
+import * as Gateway from "../../src/edge/Gateway.ts"
+import * as EventStream from "../../src/runtime/jobs/EventStream.ts"
 import * as Db from "../fixtures/Db.ts"
 import { secret, startEdge } from "../fixtures/Edge.ts"
-import { command, eventually, key, slot, startedOf, startWorker } from "../fixtures/Jobs.ts"
+import { command, eventually, key, slot, startedOf, startGateway, startWorker } from "../fixtures/Jobs.ts"
 import { connect, eventsOf, type Frame } from "../fixtures/Ws.ts"
 
 const errorCode = (reply: Frame) =>
@@ -557,6 +559,38 @@ describe("gateway WebSocket edge", () => {
           expect(got).toMatchObject({ job_id: quiet.id, message: "still here" })
           expect(other.isClosed()).toBe(false)
         }).pipe(Effect.scoped)
+    )
+    it.scoped(
+      "stopping the gateway closes every socket with 1001 and returns, cutting a peer that never answers the close",
+      () =>
+        Effect.gen(function* () {
+          const gw = yield* startGateway("gw-stop")
+          const events = yield* EventStream.make(gw.node)
+          const scope = yield* Scope.make()
+          const gateway = yield* Gateway.make(gw.jobs, events, {
+            port: 0,
+            host: "127.0.0.1",
+            secret: Redacted.make(secret)
+          }).pipe(Scope.extend(scope))
+          const url = `ws://127.0.0.1:${gateway.port}/v1/ws`
+          const polite = yield* connect(url, { secret })
+          // Unauthenticated: its auth deadline is still pending when the gateway stops.
+          const waiting = yield* connect(url)
+          // A peer whose process hangs: it reads nothing, so it never answers the close.
+          const deaf = yield* connect(url, { secret })
+          const raw = (deaf.ws as unknown as { _socket: { pause: () => void; resume: () => void } })._socket
+          raw.pause()
+          expect(gateway.connections()).toBe(3)
+
+          const [stopped] = yield* Effect.timed(Scope.close(scope, Exit.void))
+          expect(yield* polite.closed()).toEqual({ code: 1001, reason: "server shutting down" })
+          expect(yield* waiting.closed()).toEqual({ code: 1001, reason: "server shutting down" })
+          // The stop waited for the deaf peer's handshake no longer than the 2 s it is given.
+          expect(Duration.toMillis(stopped)).toBeLessThan(5000)
+          raw.resume()
+          yield* deaf.closed()
+          expect(gateway.connections()).toBe(0)
+        })
     )
   })
 })
