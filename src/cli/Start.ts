@@ -4,7 +4,7 @@
  * the handlers a module exports to the worker's built-in ones.
  */
 import { Command, Options } from "@effect/cli"
-import { type Config, Console, Data, Effect, Option } from "effect"
+import { type Config, Console, Data, Effect, Layer, Option } from "effect"
 import * as Path from "node:path"
 import * as Url from "node:url"
 import { Probe } from "../actors/ProbeActor.ts"
@@ -12,7 +12,6 @@ import * as CallbackDispatcher from "../runtime/jobs/CallbackDispatcher.ts"
 import { NodeConfig } from "../runtime/Config.ts"
 import * as Database from "../runtime/db/Database.ts"
 import * as EventStream from "../runtime/jobs/EventStream.ts"
-import * as Auth from "../edge/Auth.ts"
 import * as Gateway from "../edge/Gateway.ts"
 import type * as JobHandler from "../runtime/jobs/JobHandler.ts"
 import * as Jobs from "../edge/Jobs.ts"
@@ -46,44 +45,53 @@ export const run = (handlerModules: ReadonlyArray<string>) =>
     return yield* serve(config, handlers)
   })
 
-/** The node of `run`, its roles started, until interrupted. */
-const serve = (config: Config.Config.Success<typeof NodeConfig>, handlers: JobHandler.Handlers) =>
+/** The node of `run`, its roles started (a layer per role), until interrupted. */
+const serve = (config: Config.Config.Success<typeof NodeConfig>, handlers: JobHandler.Handlers) => {
+  const roles = config.role.split("+")
+  const node = Node.layer({
+    nodeId: config.nodeId,
+    role: config.role,
+    actors: [Probe],
+    heartbeat: `${config.heartbeatMs} millis`
+  })
+  const probe = Layer.effectDiscard(Effect.flatMap(Node.Node, (n) => n.spawn(Probe, n.id)))
+  // The gateway role: the job service, the event stream, the reaper, the callback dispatcher and the edge.
+  const gateway = Layer.mergeAll(
+    Gateway.layerConfig(config.dataDir),
+    Layer.scopedDiscard(Effect.flatMap(Node.Node, (n) => Reaper.make({ nodeId: n.id }))),
+    CallbackDispatcher.layerConfig()
+  ).pipe(Layer.provideMerge(Layer.merge(Jobs.layerConfig, EventStream.layer())))
+  const worker = WorkerNode.layerOnNode({ handlers })
+  const services = Layer.mergeAll(
+    probe,
+    roles.includes("gateway") ? gateway : Layer.empty,
+    roles.includes("worker") ? worker : Layer.empty
+  ).pipe(Layer.provideMerge(node), Layer.provideMerge(Database.layer))
+  return announce(config).pipe(Effect.zipRight(Effect.never), Effect.scoped, Effect.provide(services))
+}
+
+/** Say what is up, and where. */
+const announce = (config: Config.Config.Success<typeof NodeConfig>) =>
   Effect.gen(function* () {
+    const node = yield* Node.Node
     const urls = yield* Database.DatabaseUrls
-    const node = yield* Node.make({
-      nodeId: config.nodeId,
-      role: config.role,
-      actors: [Probe],
-      heartbeat: `${config.heartbeatMs} millis`
-    })
-    yield* node.spawn(Probe, config.nodeId)
-    const roles = config.role.split("+")
     const parts: Array<string> = []
-    if (roles.includes("gateway")) {
-      const jobs = yield* Jobs.make(node, yield* Jobs.OptionsConfig)
-      yield* Reaper.make({ nodeId: node.id })
-      yield* CallbackDispatcher.makeConfig({ node, nodeId: node.id })
-      const edge = yield* Gateway.GatewayConfig
-      const { secret, source } = yield* Auth.resolveSecret(edge.secret, config.dataDir)
-      const events = yield* EventStream.make(node)
-      const gateway = yield* Gateway.make(jobs, events, {
-        port: edge.port,
-        host: edge.host,
-        secret,
-        ...edge.deployment
-      })
-      const base = `${edge.host === "0.0.0.0" ? "127.0.0.1" : edge.host}:${gateway.port}`
+    const gateway = yield* Effect.serviceOption(Gateway.GatewayService)
+    if (Option.isSome(gateway)) {
+      const { host, port, secretSource } = gateway.value
+      const base = `${host === "0.0.0.0" ? "127.0.0.1" : host}:${port}`
       parts.push(
         "  gateway   job service, reaper and callback dispatcher",
         `  edge      ws://${base}/v1/ws (protocol v1), http://${base}/api/v1/…, /health, /metrics`,
-        `            secret: ${source === "GH_SERVICE_SECRET" ? "GH_SERVICE_SECRET" : `generated, in ${displayPath(source)}`}`
+        `            secret: ${secretSource === "GH_SERVICE_SECRET" ? "GH_SERVICE_SECRET" : `generated, in ${displayPath(secretSource)}`}`
       )
     }
-    if (roles.includes("worker")) {
-      const worker = yield* WorkerNode.make(node, { handlers })
+    const worker = yield* Effect.serviceOption(WorkerNode.Running)
+    if (Option.isSome(worker)) {
+      const w = worker.value
       parts.push(
-        `  worker    ${worker.workerId}: up to ${worker.maxConcurrent} job(s) at a time; job types ${worker.jobTypes.join(", ")}`,
-        `            http on port ${worker.httpPort}: /health, /worker/health, /worker/status, POST /worker/drain (X-Deploy-Secret)`
+        `  worker    ${w.workerId}: up to ${w.maxConcurrent} job(s) at a time; job types ${w.jobTypes.join(", ")}`,
+        `            http on port ${w.httpPort}: /health, /worker/health, /worker/status, POST /worker/drain (X-Deploy-Secret)`
       )
     }
     const database = Option.match(urls.embedded, {
@@ -104,8 +112,7 @@ const serve = (config: Config.Config.Success<typeof NodeConfig>, handlers: JobHa
       ].join("\n")
     )
     yield* Effect.addFinalizer(() => Console.log(`troupe node "${node.id}" stopping…`))
-    return yield* Effect.never
-  }).pipe(Effect.scoped, Effect.provide(Database.layer))
+  })
 
 /** `--handlers <module>`: repeatable. */
 const handlersOption = Options.file("handlers", { exists: "yes" }).pipe(

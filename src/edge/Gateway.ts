@@ -8,17 +8,17 @@
  */
 import { NodeHttpServer } from "@effect/platform-node"
 import type { SqlClient } from "@effect/sql"
-import { Config, Duration, Effect, FiberSet, type Redacted, type Scope } from "effect"
+import { Config, type ConfigError, Context, Duration, Effect, FiberSet, Layer, type Redacted, type Scope } from "effect"
 import * as Http from "node:http"
 import type { Duplex } from "node:stream"
 import { WebSocketServer } from "ws"
 import * as Edge from "../protocol/Edge.ts"
 import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
-import type * as EventStream from "../runtime/jobs/EventStream.ts"
+import * as EventStream from "../runtime/jobs/EventStream.ts"
 import * as Monitoring from "../runtime/jobs/Monitoring.ts"
 import * as Auth from "./Auth.ts"
 import { Connection, type Limits, type Services } from "./Connection.ts"
-import type { JobService } from "./Jobs.ts"
+import { Jobs, type JobService } from "./Jobs.ts"
 import * as Rest from "./Rest.ts"
 
 /** How a gateway listens and protects itself. */
@@ -66,6 +66,38 @@ export const GatewayConfig = Config.all({
   secret: Config.option(Config.redacted("GH_SERVICE_SECRET")),
   deployment: DeploymentConfig
 })
+
+/** A gateway started from the environment, and where its secret came from. */
+export interface Serving extends Gateway {
+  /** `GH_SERVICE_SECRET`, or the file the generated secret is kept in. */
+  readonly secretSource: string
+  readonly host: string
+}
+
+/** The gateway of this process. */
+export class GatewayService extends Context.Tag("troupe/edge/Gateway")<GatewayService, Serving>() {}
+
+/**
+ * The gateway on this process's job service and event stream, configured from the
+ * environment (`GatewayConfig`; a generated secret is kept under `dataDir`).
+ */
+export const layerConfig = (
+  dataDir: string
+): Layer.Layer<GatewayService, Error | ConfigError.ConfigError, Jobs | EventStream.Events | SqlClient.SqlClient> =>
+  Layer.scoped(
+    GatewayService,
+    Effect.gen(function* () {
+      const config = yield* GatewayConfig
+      const { secret, source } = yield* Auth.resolveSecret(config.secret, dataDir)
+      const gateway = yield* make(yield* Jobs, yield* EventStream.Events, {
+        port: config.port,
+        host: config.host,
+        secret,
+        ...config.deployment
+      })
+      return { ...gateway, secretSource: source, host: config.host }
+    })
+  )
 
 /** Start a gateway on a node; it serves until the scope closes. */
 export const make = (

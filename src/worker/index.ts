@@ -7,7 +7,7 @@
  * `troupe start` (`DATABASE_URL`, else the embedded Postgres; `GH_WORKER_ID`, …).
  */
 import type { SqlClient } from "@effect/sql"
-import { Cause, Effect, Exit, Layer, Option, Schema, Scope } from "effect"
+import { Cause, Context, Effect, Exit, Layer, Option, Schema, Scope } from "effect"
 import { builtinHandlers } from "../actors/handlers/Builtin.ts"
 import { Probe } from "../actors/ProbeActor.ts"
 import * as Worker from "../actors/WorkerActor.ts"
@@ -99,6 +99,13 @@ export const make = (
       httpPort: http?.port ?? null
     }
   })
+
+/** The worker of this process (provided by `layerOnNode`). */
+export class Running extends Context.Tag("troupe/worker/Running")<Running, RunningWorker>() {}
+
+/** The worker role on the process's node (`Node.layer`), as a layer: what `troupe start` composes. */
+export const layerOnNode = (options: Options): Layer.Layer<Running, unknown, Node.Node | SqlClient.SqlClient> =>
+  Layer.scoped(Running, Effect.flatMap(Node.Node, (node) => make(node, options)))
 
 /** A worker node for the lifetime of the scope: the database, a node with its probe, and the worker (`make`). */
 export const start = (options: Options): Effect.Effect<RunningWorker, unknown, Scope.Scope> =>

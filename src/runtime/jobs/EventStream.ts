@@ -18,14 +18,13 @@
  * above the watermark for an older transaction to end.
  */
 import { SqlClient } from "@effect/sql"
-import type { SqlError } from "@effect/sql/SqlError"
-import { Deferred, Duration, Effect, Exit, Queue, Schema, type Scope } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, Layer, Queue, Schema, type Scope } from "effect"
 import { EventId, type EventRecord } from "../../protocol/Edge.ts"
 import { PersistenceError } from "../../protocol/Errors.ts"
 import { InvalidRequest, isJobId, NotFound } from "../../protocol/Jobs.ts"
-import { describe } from "../db/Database.ts"
+import { refail } from "../db/Persistence.ts"
 import { runHot } from "../db/PreparedPool.ts"
-import type { TroupeNode } from "../core/Node.ts"
+import { Node, type TroupeNode } from "../core/Node.ts"
 
 /** The NOTIFY channel the insert triggers of both event tables wake the tails on. */
 export const channel = "events:new"
@@ -84,6 +83,13 @@ export interface Options {
   /** The longest wait between re-reads while rows wait above the watermark (default 50 ms). */
   readonly maxHoldBackoff?: Duration.DurationInput
 }
+
+/** The event stream of this process's node. */
+export class Events extends Context.Tag("troupe/runtime/jobs/EventStream")<Events, EventStream>() {}
+
+/** The event stream on this process's node, for the layer's lifetime. */
+export const layer = (options: Options = {}): Layer.Layer<Events, never, Node | SqlClient.SqlClient> =>
+  Layer.scoped(Events, Effect.flatMap(Node, (node) => make(node, options)))
 
 /** Start the stream of a node for the lifetime of the scope. */
 export const make = (
@@ -187,7 +193,7 @@ export const make = (
           ? sql<{ xid: string; id: string }>`
             SELECT xid::text AS xid, id::text AS id FROM gh_job_events WHERE id = ${eventId}::bigint
             UNION ALL SELECT xid::text, id::text FROM gh_worker_events WHERE id = ${eventId}::bigint
-            LIMIT 1`.withoutTransform.pipe(Effect.mapError(persistence))
+            LIMIT 1`.withoutTransform.pipe(refail)
           : Effect.succeed([])
       ).pipe(
         Effect.flatMap((rows) =>
@@ -208,7 +214,7 @@ export const make = (
             ORDER BY xid DESC, id DESC LIMIT 1)
         ) e ORDER BY xid DESC, id DESC LIMIT 1`.withoutTransform.pipe(
         Effect.map((rows) => rows[0]?.id ?? "0"),
-        Effect.mapError(persistence)
+        refail
       )
 
     // --- Subscriptions ---
@@ -440,7 +446,7 @@ export const make = (
           let floor = since
           if (key.kind !== "never" && isAfter(upTo, since)) {
             while (true) {
-              const rows = yield* readPage(key, floor, upTo, replayPage).pipe(Effect.mapError(persistence))
+              const rows = yield* readPage(key, floor, upTo, replayPage).pipe(refail)
               for (const row of rows) {
                 const item = toItem(row)
                 call(sub, item)
@@ -482,7 +488,7 @@ export const make = (
         const id = jobId.toLowerCase()
         const exists =
           yield* sql`SELECT 1 FROM gh_automation_jobs WHERE id = ${id}::uuid`.withoutTransform.pipe(
-            Effect.mapError(persistence)
+            refail
           )
         if (exists.length === 0) return yield* new NotFound({ what: "job", id })
         const since =
@@ -494,7 +500,7 @@ export const make = (
           since,
           undefined,
           Math.min(limit, 10_000)
-        ).pipe(Effect.mapError(persistence))
+        ).pipe(refail)
         return rows.map((row) => toItem(row).record)
       })
 
@@ -577,6 +583,5 @@ const keyOf = (filter: EventFilter): Key =>
         ? { kind: "worker", value: filter.worker_id }
         : { kind: "all", value: "" }
 
-const persistence = (error: SqlError) => new PersistenceError({ reason: describe(error) })
 
 const maxBigint = 9_223_372_036_854_775_807n
