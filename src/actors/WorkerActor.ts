@@ -16,7 +16,9 @@ import { DeregisterResult, WorkerState } from "../protocol/Jobs.ts"
 import * as Actor from "../runtime/core/Actor.ts"
 import { Node, type TroupeNode } from "../runtime/core/Node.ts"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
+import { makeFailures } from "../runtime/core/internal/loop.ts"
 import * as JobStorage from "../runtime/jobs/JobStorage.ts"
+import * as WorkerStorage from "../runtime/jobs/WorkerStorage.ts"
 import * as JobActor from "./JobActor.ts"
 import * as Runs from "./job/Runs.ts"
 import * as Slots from "./job/Slots.ts"
@@ -104,10 +106,11 @@ export const make = (
   options: Options
 ): Effect.Effect<Worker, PersistenceError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
-    const storage = yield* JobStorage.makeWith({ prepared: node.prepared })
+    const storage = yield* JobStorage.make({ prepared: node.prepared })
+    const workers = yield* WorkerStorage.make
     const nodeId = node.id
     const workerId = options.workerId ?? `worker-${nodeId}`
-    const registration: JobStorage.WorkerRegistration = {
+    const registration: WorkerStorage.WorkerRegistration = {
       workerId,
       nodeId,
       targetWorkerId: options.targetWorkerId ?? null,
@@ -182,7 +185,7 @@ export const make = (
           counters.handed++
           if (stopping) continue
           if (item.fetch === true) {
-            const row = yield* storage.handedOne(registration, item.id, item.attempts)
+            const row = yield* storage.readHanded(registration, item.id, item.attempts)
             if (row !== undefined) rows.push(row)
           } else rows.push(item)
         }
@@ -220,7 +223,7 @@ export const make = (
     const reconcile = Effect.gen(function* () {
       lastReconcile = Date.now()
       yield* storage.withdraw(registration)
-      const rows = yield* storage.handed(registration, runs.jobIds())
+      const rows = yield* storage.handedNotStarted(registration, runs.jobIds())
       // Exact now: the offers spent meanwhile were taken before the withdraw.
       slots.offered = 0
       slots.spent = 0
@@ -228,7 +231,7 @@ export const make = (
       slots.claimWanted = true
     })
 
-    let claimFailures = 0
+    const claimFailures = makeFailures("claiming jobs")
     const claimStep = Effect.gen(function* () {
       slots.settleSpent()
       yield* startHanded
@@ -241,18 +244,14 @@ export const make = (
         slots.claimWanted = false
         yield* claimAll
       }
-      claimFailures = 0
+      yield* claimFailures.succeeded
     }).pipe(
       Effect.catchAll((e) =>
-        Effect.gen(function* () {
-          claimFailures++
-          if (claimFailures === 1 || claimFailures % 20 === 0) {
-            yield* Effect.logWarning(`claiming failed (${claimFailures}x), retrying`, e)
-          }
-          yield* Effect.sleep(Duration.millis(Math.min(2000, 25 * 2 ** Math.min(claimFailures, 7))))
+        Effect.zipRight(
+          claimFailures.failed(e),
           // What failed is done again in full: the offers may be off by the failed statement.
-          slots.reconcile()
-        })
+          Effect.sync(() => slots.reconcile())
+        )
       )
     )
 
@@ -272,8 +271,8 @@ export const make = (
       Effect.gen(function* () {
         if (state === "active") state = "draining"
         if (state === "draining" && !drainWritten) {
-          yield* storage
-            .setWorkerStatus(workerId, "draining", "worker_draining", `Draining: ${reason}`, { reason })
+          yield* workers
+            .setStatus(workerId, "draining", "worker_draining", `Draining: ${reason}`, { reason })
             .pipe(Effect.retry(retryWrites))
           yield* storage.closeTarget([workerId], "is draining").pipe(Effect.retry(retryWrites))
           // Jobs handed over before this still arrive and run, as a claim just before would.
@@ -297,7 +296,7 @@ export const make = (
         yield* drain(request.reason)
         // Jobs handed here whose NOTIFY is still on its way count as active: start them now
         // (the drain took the offers back, so this is all of them), then wait or cancel.
-        const pending = yield* storage.handed(registration, runs.jobIds()).pipe(Effect.retry(retryWrites))
+        const pending = yield* storage.handedNotStarted(registration, runs.jobIds()).pipe(Effect.retry(retryWrites))
         const started = yield* runs.launch(pending)
         slots.offered = Math.max(0, slots.offered - started)
         counters.handed += started
@@ -315,8 +314,8 @@ export const make = (
         }
         yield* cancelAll
         state = "offline"
-        yield* storage
-          .setWorkerStatus(workerId, "offline", "worker_deregistered", `Deregistered: ${request.reason}`, {
+        yield* workers
+          .setStatus(workerId, "offline", "worker_deregistered", `Deregistered: ${request.reason}`, {
             reason: request.reason,
             cancelled_job_ids: cancelled
           })
@@ -336,7 +335,7 @@ export const make = (
       deadNode: nodeId
     })
     for (const r of leftovers) if (r.status === "queued") yield* JobStorage.wakeLater(storage, r.run_in_ms)
-    yield* storage.registerWorker(registration)
+    yield* workers.register(registration)
     const worker: Worker = {
       workerId,
       nodeId,
@@ -357,8 +356,7 @@ export const make = (
     yield* node.listen(Notifications.anyJobsChannel, () => slots.wake())
     yield* node.onReconnect(() => slots.reconcile())
     // A quiet poll interval ends the wait: `claimStep` then catches up (a poll interval has passed).
-    yield* slots.signalled.pipe(
-      Effect.timeoutOption(pollInterval),
+    yield* slots.signalled(pollInterval).pipe(
       Effect.zipRight(claimStep),
       Effect.catchAllCause((cause) =>
         Cause.isInterruptedOnly(cause) ? Effect.failCause(cause) : Effect.logError("claim loop", cause)
@@ -370,7 +368,7 @@ export const make = (
     )
     const heartbeatEvery = Duration.decode(options.heartbeat ?? "10 seconds")
     yield* Effect.gen(function* () {
-      const alive = yield* storage.heartbeat(workerId, {
+      const alive = yield* workers.heartbeat(workerId, {
         status: state === "active" ? (runs.size() > 0 ? "busy" : "idle") : state,
         current_job_id: runs.jobIds()[0] ?? null,
         active_jobs: runs.size(),
@@ -379,9 +377,9 @@ export const make = (
       if (!alive && state !== "offline" && !stopping) {
         // Taken for dead during a blip (its lock session dropped): register again.
         yield* Effect.logWarning("marked offline while running: registering again")
-        yield* storage.registerWorker(registration)
+        yield* workers.register(registration)
         if (state === "draining") {
-          yield* storage.setWorkerStatus(workerId, "draining", "worker_draining", "Draining (registered again)", {})
+          yield* workers.setStatus(workerId, "draining", "worker_draining", "Draining (registered again)", {})
         }
         slots.reconcile()
       }
@@ -403,8 +401,8 @@ export const make = (
         yield* storage.withdraw(registration).pipe(Effect.timeout("5 seconds"), Effect.ignore)
         yield* FiberSet.clear(runs.fibers)
         if (state !== "offline") {
-          yield* storage
-            .setWorkerStatus(workerId, "offline", "worker_deregistered", "Worker stopped", { reason: "shutdown" })
+          yield* workers
+            .setStatus(workerId, "offline", "worker_deregistered", "Worker stopped", { reason: "shutdown" })
             .pipe(Effect.timeout("5 seconds"), Effect.ignore)
           yield* storage.closeTarget([workerId], "stopped").pipe(Effect.timeout("5 seconds"), Effect.ignore)
         }

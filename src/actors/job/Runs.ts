@@ -26,8 +26,10 @@ import {
 import type { PersistenceError } from "../../protocol/Errors.ts"
 import type { Claimed } from "../../protocol/Notifications.ts"
 import { Conflict, type Interaction, JobErrorCode, type JobState, type Resolution } from "../../protocol/Jobs.ts"
+import { retrySchedule } from "../../runtime/core/internal/loop.ts"
 import * as JobHandler from "../../runtime/jobs/JobHandler.ts"
 import * as JobStorage from "../../runtime/jobs/JobStorage.ts"
+import type { WorkerRegistration } from "../../runtime/jobs/WorkerStorage.ts"
 import type { Slots } from "./Slots.ts"
 
 /** Why a run's handler is stopped. */
@@ -101,7 +103,7 @@ export class Runs extends Context.Tag("troupe/actors/Runs")<Runs, Service>() {}
 
 /** What the runs need from their worker. */
 export interface Options {
-  readonly registration: JobStorage.WorkerRegistration
+  readonly registration: WorkerRegistration
   readonly storage: JobStorage.JobStorage
   readonly slots: Slots
   readonly handlers: JobHandler.Handlers
@@ -305,7 +307,7 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
         const paused = yield* run.lock.withPermits(1)(
           Effect.gen(function* () {
             const ok = yield* storage
-              .needsHuman(run.id, run.epoch, interaction, metadataOf(run, { interaction }))
+              .pauseForHuman(run.id, run.epoch, interaction, metadataOf(run, { interaction }))
               .pipe(
                 Effect.retry(retryWrites),
                 Effect.orElseSucceed(() => false)
@@ -345,7 +347,7 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
               reason: "it is not waiting for a human"
             })
           }
-          const ok = yield* storage.resumed(
+          const ok = yield* storage.resumeFromHuman(
             run.id,
             run.epoch,
             `Resolved by ${resolution.resolved_by}`,
@@ -527,7 +529,7 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
         if (fresh.length === 0) return 0
         const ready = yield* Deferred.make<void>()
         for (const row of fresh) yield* start(row, ready)
-        yield* storage.started(registration, fresh).pipe(
+        yield* storage.recordStarted(registration, fresh).pipe(
           Effect.retry(retryWrites),
           // An attempt that ended before it started here (a cancel or the reaper got to its
           // row first): its handler must not go on.
@@ -564,7 +566,7 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
 
 /** Writes about a job retry while the database is unreachable: 20 ms doubling, at most 2 s apart. */
 export const retryWritesSchedule = (retryFor: Duration.DurationInput) =>
-  Schedule.exponential("20 millis").pipe(Schedule.union(Schedule.spaced("2 seconds")), Schedule.upTo(retryFor))
+  retrySchedule({ every: "2 seconds", upTo: retryFor })
 
 // --- internal ---
 

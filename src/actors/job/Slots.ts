@@ -6,7 +6,8 @@
  * Everything here is synchronous: the claim loop, a NOTIFY callback and a run's end all
  * change it without yielding in between, so two paths cannot start one attempt twice.
  */
-import { Effect, Queue } from "effect"
+import { type Duration, Effect } from "effect"
+import { makeWake, type Wake } from "../../runtime/core/internal/loop.ts"
 
 /** Counters of a worker. */
 export interface Counters {
@@ -61,7 +62,7 @@ export class Slots {
   constructor(
     /** `MAX_CONCURRENT_JOBS`. */
     readonly max: number,
-    private readonly signals: Queue.Queue<void>
+    private readonly wakeLatch: Wake
   ) {}
 
   /** Slots neither running a handler nor on offer. */
@@ -72,7 +73,7 @@ export class Slots {
   /** Ask the claim loop to claim. */
   wake(): void {
     this.claimWanted = true
-    this.signals.unsafeOffer(undefined)
+    this.wakeLatch.signal()
   }
 
   /** Ask the claim loop to catch up, then claim. */
@@ -83,11 +84,13 @@ export class Slots {
 
   /** Run the claim loop without asking for a claim (handed jobs to start, spent offers). */
   signal(): void {
-    this.signals.unsafeOffer(undefined)
+    this.wakeLatch.signal()
   }
 
-  /** Wait for the next signal. */
-  readonly signalled: Effect.Effect<void> = Effect.suspend(() => Queue.take(this.signals))
+  /** Wait for the next signal, at most this long. */
+  signalled(atMost: Duration.DurationInput): Effect.Effect<void> {
+    return this.wakeLatch.awaitAtMost(atMost)
+  }
 
   /** Take the spent offers off `offered` (the claim loop, between claims). */
   settleSpent(): void {
@@ -109,7 +112,7 @@ export class Slots {
 
 /** Slots for a worker of `max` concurrent jobs. */
 export const make = (max: number): Effect.Effect<Slots> =>
-  Effect.map(Queue.sliding<void>(1), (signals) => new Slots(Math.max(1, max), signals))
+  Effect.map(makeWake, (wake) => new Slots(Math.max(1, max), wake))
 
 // --- internal ---
 
