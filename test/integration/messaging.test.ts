@@ -1,6 +1,6 @@
 import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
-import { Effect, Schedule } from "effect"
+import { ConfigProvider, Effect, Schedule } from "effect"
 import * as Node from "../../src/runtime/core/Node.ts"
 import { NodeIdInUse } from "../../src/runtime/core/NodeMembership.ts"
 import * as Db from "../fixtures/Db.ts"
@@ -152,6 +152,31 @@ describe("tell and ask between two nodes in one process", () => {
         expect((refused as NodeIdInUse).message).toContain("TROUPE_NODE_ID")
         const ref = yield* first.spawn(Counter, "twin-c")
         expect(yield* ref.ask(new Add({ n: 4 }))).toBe(4)
+      })
+    )
+
+    it.scoped("Node.layer provides the node as a service, and releasing the layer stops it", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const total = yield* Effect.gen(function* () {
+          const node = yield* Node.Node
+          const ref = yield* node.spawn(Counter, "layered")
+          yield* ref.tell(new Add({ n: 4 }))
+          return yield* ref.ask(new Add({ n: 1 }))
+        }).pipe(Effect.provide(Node.layer({ nodeId: "layered", actors: [Counter] })))
+        expect(total).toBe(5)
+        const [row] = yield* sql<{ status: string }>`SELECT status FROM nodes WHERE id = 'layered'`
+        expect(row!.status).toBe("stopped")
+      })
+    )
+
+    it.scoped("Node.layerConfig takes the node id from TROUPE_NODE_ID", () =>
+      Effect.gen(function* () {
+        const id = yield* Effect.map(Node.Node, (node) => node.id).pipe(
+          Effect.provide(Node.layerConfig({ actors: [Counter] })),
+          Effect.withConfigProvider(ConfigProvider.fromMap(new Map([["TROUPE_NODE_ID", "from-env"]])))
+        )
+        expect(id).toBe("from-env")
       })
     )
 
