@@ -4,7 +4,8 @@
  * listener that misses one catches up from the table. Structured payloads carry a version
  * (`v`) and are decoded with these Schemas; anything that does not decode is a plain wake-up.
  *
- * Channels: `node:<id>` and `registry:changed` (see `Ids.ts`: the actor system's own),
+ * Channels: `node:<id>` (a mailbox wake-up, `Wakeup`) and `registry:changed` (an actor id;
+ * both named in `Ids.ts`),
  * `jobs:<node>` (jobs handed to or cancelled on a node's worker), `jobs:any` (a job anyone may
  * claim), `callbacks:new`, `job_events:new`, `events:new`.
  */
@@ -90,6 +91,78 @@ export const decodeJobsPayload = (payload: string): JobsPayload | undefined => {
   return Either.getOrUndefined(decodeJobs(payload))
 }
 
+/** A mailbox row as a wake-up on `node:<id>` carries it (and as a claim reads it). */
+export interface MailboxMessage {
+  readonly id: string
+  readonly message_id: string
+  readonly actor_id: string | null
+  readonly kind: "tell" | "ask" | "reply"
+  readonly sender: string
+  readonly reply_to: string | null
+  readonly correlation_id: string | null
+  readonly body: unknown
+}
+
+/** Rows carried in a wake-up NOTIFY on `node:<id>` at most (more: ids only). */
+export const wakeupMaxRows = 32
+
+/** Bytes of a wake-up payload at most (Postgres refuses 8,000 and more). */
+export const wakeupMaxBytes = 7_000
+
+/**
+ * What a NOTIFY on `node:<id>` says: the rows that were inserted (`Rows`, in commit order, at
+ * most `wakeupMaxRows` and `wakeupMaxBytes`), their ids (`Ids`), or only that something is
+ * pending (`Scan`: also the answer for anything that does not decode).
+ */
+export type Wakeup =
+  | { readonly _tag: "Rows"; readonly rows: ReadonlyArray<MailboxMessage> }
+  | { readonly _tag: "Ids"; readonly ids: ReadonlyArray<string> }
+  | { readonly _tag: "Scan" }
+
+/** A mailbox row in a wake-up: a tuple, in the column order of `MailboxMessage`, to keep the payload small. */
+export const NotifiedRow = Schema.Tuple(
+  Schema.String,
+  Schema.String,
+  Schema.NullOr(Schema.String),
+  Schema.Literal("tell", "ask", "reply"),
+  Schema.String,
+  Schema.NullOr(Schema.String),
+  Schema.NullOr(Schema.String),
+  Schema.Unknown
+)
+
+/** The structured payload of a `node:<id>` wake-up (version 1). */
+export const WakeupPayload = Schema.Union(
+  Schema.Struct({ v: Schema.Literal(1), rows: Schema.Array(NotifiedRow) }),
+  Schema.Struct({ v: Schema.Literal(1), ids: Schema.Array(Schema.String) })
+)
+
+/** Decode the payload of a NOTIFY on a node's channel. */
+export const decodeWakeup = (payload: string): Wakeup => {
+  if (payload === "m" || payload.length === 0) return scan
+  const decoded = decodeWakeupPayload(payload)
+  if (Either.isLeft(decoded)) return scan
+  const p = decoded.right
+  if ("ids" in p) return { _tag: "Ids", ids: p.ids }
+  return {
+    _tag: "Rows",
+    rows: p.rows.map(([id, message_id, actor_id, kind, sender, reply_to, correlation_id, body]) => ({
+      id,
+      message_id,
+      actor_id,
+      kind,
+      sender,
+      reply_to,
+      correlation_id,
+      body
+    }))
+  }
+}
+
 // --- internal ---
+
+const scan: Wakeup = { _tag: "Scan" }
+
+const decodeWakeupPayload = Schema.decodeUnknownEither(Schema.parseJson(WakeupPayload))
 
 const decodeJobs = Schema.decodeUnknownEither(Schema.parseJson(JobsPayload))

@@ -25,6 +25,7 @@ import type { LocalActors } from "./LocalActors.ts"
 import * as MailboxStorage from "./MailboxStorage.ts"
 import type { Outbox } from "./Outbox.ts"
 import { ActorFailed, ActorNotFound, type PersistenceError } from "../../protocol/Errors.ts"
+import * as Notifications from "../../protocol/Notifications.ts"
 
 /** A node's inbox. */
 export interface Inbox {
@@ -124,7 +125,7 @@ export const make = (options: {
 
     // --- The claim loop ---
 
-    let heard: Array<MailboxStorage.Wakeup> = []
+    let heard: Array<Notifications.Wakeup> = []
     let scanDue = true
     let caughtUp = false
     let lastScan = 0
@@ -134,7 +135,7 @@ export const make = (options: {
       latch.signal()
     }
     const onWakeup = (payload: string) => {
-      heard.push(MailboxStorage.decodeWakeup(payload))
+      heard.push(Notifications.decodeWakeup(payload))
       latch.signal()
     }
     let releaseTokens: Array<string> = []

@@ -13,10 +13,11 @@
  * their ids, else just `m` ("something is pending"). The rows stay in the table either way.
  */
 import { SqlClient } from "@effect/sql"
-import { Effect, Either, Schema } from "effect"
+import { Effect } from "effect"
 import { refailAll } from "../db/Persistence.ts"
 import { type PreparedPool, runHot } from "../db/PreparedPool.ts"
 import { nodeChannel } from "../../protocol/Ids.ts"
+import { type MailboxMessage, wakeupMaxBytes, wakeupMaxRows } from "../../protocol/Notifications.ts"
 
 /** What a sender writes. `nodeId` is set for replies (addressed to a node, not an actor). */
 export interface OutboundRow {
@@ -32,16 +33,7 @@ export interface OutboundRow {
 }
 
 /** A claimed row. */
-export interface InboundRow {
-  readonly id: string
-  readonly message_id: string
-  readonly actor_id: string | null
-  readonly kind: "tell" | "ask" | "reply"
-  readonly sender: string
-  readonly reply_to: string | null
-  readonly correlation_id: string | null
-  readonly body: unknown
-}
+export type InboundRow = MailboxMessage
 
 /** An actor's lifecycle event. */
 export interface ActorEvent {
@@ -229,62 +221,7 @@ export const make = makeWith({})
 /** The storage functions. */
 export type MailboxStorage = Effect.Effect.Success<typeof make>
 
-/**
- * What a NOTIFY on `node:<id>` says: the rows that were inserted (`Rows`, in commit order, at
- * most `wakeupMaxRows` and `wakeupMaxBytes`), their ids (`Ids`), or only that something is
- * pending (`Scan`: also the answer for anything that does not decode).
- */
-export type Wakeup =
-  | { readonly _tag: "Rows"; readonly rows: ReadonlyArray<InboundRow> }
-  | { readonly _tag: "Ids"; readonly ids: ReadonlyArray<string> }
-  | { readonly _tag: "Scan" }
-
-/** Decode the payload of a NOTIFY on a node's channel. */
-export const decodeWakeup = (payload: string): Wakeup => {
-  if (payload === "m" || payload.length === 0) return scan
-  const decoded = decodePayload(payload)
-  if (Either.isLeft(decoded)) return scan
-  const p = decoded.right
-  if ("ids" in p) return { _tag: "Ids", ids: p.ids }
-  return {
-    _tag: "Rows",
-    rows: p.rows.map(([id, message_id, actor_id, kind, sender, reply_to, correlation_id, body]) => ({
-      id,
-      message_id,
-      actor_id,
-      kind,
-      sender,
-      reply_to,
-      correlation_id,
-      body
-    }))
-  }
-}
-
 // --- internal ---
-
-/** Rows carried in a wake-up NOTIFY at most (more: ids only). */
-const wakeupMaxRows = 32
-/** Bytes of a wake-up payload at most (Postgres refuses 8,000 and more). */
-const wakeupMaxBytes = 7_000
-
-const scan: Wakeup = { _tag: "Scan" }
-
-const NotifiedRow = Schema.Tuple(
-  Schema.String,
-  Schema.String,
-  Schema.NullOr(Schema.String),
-  Schema.Literal("tell", "ask", "reply"),
-  Schema.String,
-  Schema.NullOr(Schema.String),
-  Schema.NullOr(Schema.String),
-  Schema.Unknown
-)
-const WakeupPayload = Schema.Union(
-  Schema.Struct({ v: Schema.Literal(1), rows: Schema.Array(NotifiedRow) }),
-  Schema.Struct({ v: Schema.Literal(1), ids: Schema.Array(Schema.String) })
-)
-const decodePayload = Schema.decodeUnknownEither(Schema.parseJson(WakeupPayload))
 
 /** Order bigint ids given as decimal strings. */
 const byId = (a: { id: string }, b: { id: string }) =>
