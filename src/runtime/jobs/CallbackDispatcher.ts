@@ -31,7 +31,6 @@ import {
   Fiber,
   FiberSet,
   Layer,
-  Queue,
   Schedule,
   Stream,
   type ConfigError,
@@ -40,6 +39,7 @@ import {
 import * as Http from "node:http"
 import { describe } from "../db/Database.ts"
 import * as Node from "../core/Node.ts"
+import { makeFailures, makeWake } from "../core/internal/loop.ts"
 
 /** The default wait before each retry: 10 s, 20 s, 30 s (four attempts in all). */
 export const defaultRetryDelays: ReadonlyArray<Duration.Duration> = [
@@ -151,8 +151,9 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
     const inflight = new Set<string>()
     let stopping = false
 
-    const wakeQueue = yield* Queue.sliding<void>(1)
-    const wake = () => void wakeQueue.unsafeOffer(undefined)
+    const wakeLatch = yield* makeWake
+    const wake = wakeLatch.signal
+    const claimFailures = makeFailures("claiming callbacks", { max: Duration.millis(Math.min(2000, pollMs)) })
 
     // A result that cannot be written is retried until the lock would expire anyway.
     const retryDb = Schedule.exponential("50 millis").pipe(
@@ -279,7 +280,6 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
     // --- Claim loop ---
 
     const deliveries = yield* FiberSet.make<void, never>()
-    let failures = 0
 
     /** One claim; returns how long to wait for a wake-up before the next one. */
     const round: Effect.Effect<number> = Effect.gen(function* () {
@@ -291,32 +291,20 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
         inflight.add(row.id)
         yield* FiberSet.run(deliveries, deliver(row))
       }
-      if (failures > 0) {
-        yield* Effect.logInfo(`callback claims work again after ${failures} failed attempts`)
-        failures = 0
-      }
+      yield* claimFailures.succeeded
       if (rows.length === room) return 0
       const due = yield* nextDueIn
       // A due row that was not claimed is locked by a claim in progress elsewhere: look again shortly.
       return due === null ? pollMs : Math.min(pollMs, Math.max(10, Math.ceil(due)))
     }).pipe(
       Effect.catchAllCause((cause) =>
-        Effect.gen(function* () {
-          if (Cause.isInterruptedOnly(cause)) return yield* Effect.interrupt
-          failures++
-          if (failures === 1 || failures % 20 === 0) {
-            yield* Effect.logWarning(
-              `claiming callbacks failed (${failures}x), retrying: ${describe(Cause.squash(cause))}`
-            )
-          }
-          return Math.min(pollMs, 50 * 2 ** Math.min(failures, 7))
-        })
+        Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.as(claimFailures.failed(cause), 0)
       )
     )
 
     const loop = round.pipe(
       Effect.flatMap((waitMs) =>
-        waitMs <= 0 ? Effect.void : Effect.timeoutOption(Queue.take(wakeQueue), Duration.millis(waitMs))
+        waitMs <= 0 ? Effect.void : wakeLatch.awaitAtMost(Duration.millis(waitMs))
       ),
       Effect.catchAllCause((cause) => Effect.logWarning("callback dispatcher", cause)),
       Effect.forever

@@ -18,10 +18,11 @@
  * above the watermark for an older transaction to end.
  */
 import { SqlClient } from "@effect/sql"
-import { Context, Deferred, Duration, Effect, Exit, Layer, Queue, Schema, type Scope } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, Layer, Schema, type Scope } from "effect"
 import { EventId, type EventRecord } from "../../protocol/Edge.ts"
 import { PersistenceError } from "../../protocol/Errors.ts"
 import { InvalidRequest, isJobId, NotFound } from "../../protocol/Jobs.ts"
+import { makeWake, pollEvery } from "../core/internal/loop.ts"
 import { refail } from "../db/Persistence.ts"
 import { runHot } from "../db/PreparedPool.ts"
 import { Node, type TroupeNode } from "../core/Node.ts"
@@ -377,26 +378,18 @@ export const make = (
       )
     )
 
-    const wakeQueue = yield* Queue.sliding<void>(1)
-    const wake = () => void wakeQueue.unsafeOffer(undefined)
+    const wakeLatch = yield* makeWake
+    const wake = wakeLatch.signal
     const loop = step.pipe(
       Effect.flatMap((waitMs) =>
-        waitMs <= 0
-          ? Effect.void
-          : waitMs >= pollMs
-            ? Queue.take(wakeQueue)
-            : Effect.timeoutOption(Queue.take(wakeQueue), Duration.millis(waitMs))
+        waitMs <= 0 ? Effect.void : waitMs >= pollMs ? wakeLatch.await : wakeLatch.awaitAtMost(Duration.millis(waitMs))
       ),
       Effect.catchAllCause((cause) => Effect.logWarning("event stream", cause)),
       Effect.forever
     )
     yield* Effect.forkScoped(Effect.interruptible(loop))
     // The fallback poll: a timer of its own, not a timeout around every wait.
-    yield* Effect.forkScoped(
-      Effect.interruptible(
-        Effect.forever(Effect.zipRight(Effect.sleep(Duration.millis(pollMs)), Effect.sync(wake)))
-      )
-    )
+    yield* pollEvery(wakeLatch, Duration.millis(pollMs))
     yield* node.listen(channel, wake)
     yield* node.onReconnect(wake)
 
