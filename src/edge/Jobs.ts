@@ -28,6 +28,7 @@ import {
 import { anyJobsChannel } from "../protocol/Notifications.ts"
 import { refail } from "../runtime/db/Persistence.ts"
 import * as JobStorage from "../runtime/jobs/JobStorage.ts"
+import * as WorkerStorage from "../runtime/jobs/WorkerStorage.ts"
 import { Node, type TroupeNode } from "../runtime/core/Node.ts"
 
 /** Options of the job service. */
@@ -108,7 +109,8 @@ export const make = (
   options: Options = {}
 ): Effect.Effect<JobService, never, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
-    const storage = yield* JobStorage.makeWith({ prepared: node.prepared })
+    const storage = yield* JobStorage.make({ prepared: node.prepared })
+    const workers = yield* WorkerStorage.make
     const sql = yield* SqlClient.SqlClient
     const preferredWaitMs = Duration.toMillis(options.preferredWait ?? "2 seconds")
     const askTimeout = Duration.decode(options.askTimeout ?? "10 seconds")
@@ -199,7 +201,7 @@ export const make = (
             .notify(anyJobsChannel, row.id)
             .pipe(Effect.delay(Duration.millis(preferredWaitMs + 5)), Effect.ignore, Effect.forkIn(scope))
         }
-        return JobStorage.toJob(row)
+        return row
       })
 
     const submitMany = (inputs: ReadonlyArray<unknown>) =>
@@ -235,7 +237,7 @@ export const make = (
                   )
                   
                 rows.forEach((row, n) => {
-                  out[slice[n]!] = JobStorage.toJob(row)
+                  out[slice[n]!] = row
                 })
               }
             })
@@ -338,7 +340,7 @@ export const make = (
 
     const drain = (workerId: string, reason = "drain requested") =>
       Effect.gen(function* () {
-        const found = yield* storage.findWorkers({ workerId })
+        const found = yield* workers.find({ workerId })
         const w = found[0]
         if (w === undefined) return yield* new NotFound({ what: "worker", id: workerId })
         if (!w.alive) {
@@ -363,8 +365,8 @@ export const make = (
         if (request.worker_id === undefined && request.target_worker_id === undefined) {
           return yield* new InvalidRequest({ reason: "name the worker: worker_id or target_worker_id" })
         }
-        const found = yield* storage
-          .findWorkers({ workerId: request.worker_id, targetWorkerId: request.target_worker_id })
+        const found = yield* workers
+          .find({ workerId: request.worker_id, targetWorkerId: request.target_worker_id })
           
         if (found.length === 0) {
           return yield* new NotFound({
@@ -399,7 +401,7 @@ export const make = (
     /** A worker whose node is gone: settle it in its rows (its running jobs are the reaper's). */
     const offlineDeregister = (workerId: string, reason: string) =>
       Effect.gen(function* () {
-        yield* storage.setWorkerStatus(
+        yield* workers.setStatus(
           workerId,
           "offline",
           "worker_deregistered",

@@ -792,7 +792,7 @@ describe("jobs and workers", () => {
           )
         )
         // The system gives up on attempt 1 while its worker still runs it (as after a partition).
-        const storage = yield* JobStorage.make
+        const storage = yield* JobStorage.make()
         yield* storage.reap({
           staleSeconds: 30,
           graceSeconds: 0,

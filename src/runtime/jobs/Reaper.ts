@@ -8,6 +8,7 @@
 import type { SqlClient } from "@effect/sql"
 import { Duration, Effect, type Scope } from "effect"
 import * as JobStorage from "./JobStorage.ts"
+import * as WorkerStorage from "./WorkerStorage.ts"
 import * as Singleton from "../core/Singleton.ts"
 
 /** Options of the reaper. */
@@ -40,7 +41,8 @@ export interface Reaper {
 /** Run the reaper for the lifetime of the scope. */
 export const make = (options: Options): Effect.Effect<Reaper, never, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
-    const storage = yield* JobStorage.make
+    const storage = yield* JobStorage.make()
+    const workers = yield* WorkerStorage.make
     const interval = Duration.decode(options.interval ?? "250 millis")
     const staleSeconds = Duration.toSeconds(options.staleAfter ?? "30 seconds")
     const graceSeconds = Duration.toSeconds(options.timeoutGrace ?? "5 seconds")
@@ -57,7 +59,8 @@ export const make = (options: Options): Effect.Effect<Reaper, never, SqlClient.S
           yield* JobStorage.wakeLater(storage, r.run_in_ms)
         } else counters.failed++
       }
-      const offline = yield* storage.reapWorkers(staleSeconds)
+      const offline = yield* workers.reap(staleSeconds)
+      yield* storage.closeTarget(offline, "went offline")
       const stranded = yield* storage.closeOfflineTargets
       counters.failed += stranded.length
       counters.workersOffline += offline.length
