@@ -13,7 +13,7 @@ import * as Prometheus from "prom-client"
 import type { MonitoredWorker } from "../../protocol/Edge.ts"
 import { PersistenceError } from "../../protocol/Errors.ts"
 import { JobStatus } from "../../protocol/Jobs.ts"
-import { describe } from "../db/Database.ts"
+import { refail } from "../db/Persistence.ts"
 import * as Histogram from "../core/Histogram.ts"
 import { aliveSql } from "../core/NodeMembership.ts"
 
@@ -95,7 +95,7 @@ export const workerRows: Effect.Effect<
       Effect.map((rows) =>
         rows.map((r) => ({ ...r, uptime_seconds: Math.max(0, Number(r.uptime_seconds)) }))
       ),
-      Effect.mapError((e) => new PersistenceError({ reason: describe(e) }))
+      refail
     )
 )
 
@@ -119,7 +119,6 @@ export const toMonitored = (r: WorkerRow): MonitoredWorker => ({
 /** Create the monitoring queries over the current `SqlClient`. */
 export const make: Effect.Effect<Monitoring, never, SqlClient.SqlClient> = Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
-  const persistence = (e: unknown) => new PersistenceError({ reason: describe(e) })
   const provided = Effect.provideService(SqlClient.SqlClient, sql)
 
   const workers = workerRows.pipe(
@@ -129,7 +128,7 @@ export const make: Effect.Effect<Monitoring, never, SqlClient.SqlClient> = Effec
 
   const jobCounts = sql<{ status: string; n: number }>`
     SELECT status, count(*)::int AS n FROM gh_automation_jobs GROUP BY status`.pipe(
-    Effect.mapError(persistence)
+    refail
   )
 
   // Every node that is up, and every node id with pending rows (a dead node's backlog shows).
@@ -139,7 +138,7 @@ export const make: Effect.Effect<Monitoring, never, SqlClient.SqlClient> = Effec
     FROM (SELECT node_id, count(*) AS n FROM actor_mailbox WHERE claim IS NULL GROUP BY node_id) p
     FULL JOIN (SELECT n.id FROM nodes n WHERE n.status = 'running' AND ${aliveSql}) up ON up.id = p.node_id
     ORDER BY 1`)
-    .pipe(Effect.mapError(persistence))
+    .pipe(refail)
 
   // --- Metrics ---
 
