@@ -91,7 +91,7 @@ export interface Stats {
 }
 
 /** A running node. */
-export interface TroupeNode {
+export interface TroupeNode extends Pick<Outbox.Outbox, "ref" | "tellRaw" | "askRaw"> {
   readonly id: string
   /** Place an actor on this node (or keep it here) and return its handle. */
   readonly spawn: <M extends Schema.TaggedRequest.All, R>(
@@ -106,16 +106,6 @@ export interface TroupeNode {
   ) => Effect.Effect<void, PersistenceError>
   /** Let this node host actors of a kind whose actors are placed elsewhere (e.g. by a claim statement). */
   readonly register: (actor: Actor.Any) => Effect.Effect<void>
-  /** A handle on an actor wherever it lives (nothing is checked until a message is sent). */
-  readonly ref: <M extends Schema.TaggedRequest.All>(actor: Actor.Actor<M>, key: string) => ActorRef<M>
-  /** Send an already-encoded message to an actor id. */
-  readonly tellRaw: (actorId: string, body: unknown) => Effect.Effect<void, SendError>
-  /** Ask with an already-encoded message; returns the reply body as stored. */
-  readonly askRaw: (
-    actorId: string,
-    body: unknown,
-    options?: { readonly timeout?: Duration.DurationInput }
-  ) => Effect.Effect<unknown, AskError>
   readonly stats: () => Stats
   /** Wake the claim loop (used by tests to check that nothing is pending). */
   readonly wake: () => void
