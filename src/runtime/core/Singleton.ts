@@ -7,7 +7,7 @@
  * or when a renewal has failed for as long as the lease lasts.
  */
 import { SqlClient } from "@effect/sql"
-import { Duration, Effect, Exit, Fiber, type Scope } from "effect"
+import { Cause, Duration, Effect, Exit, Fiber, type Scope } from "effect"
 import { refail } from "../db/Persistence.ts"
 import { makeFailures } from "./internal/loop.ts"
 import { aliveSql } from "./NodeMembership.ts"
@@ -79,7 +79,8 @@ export const make = <E, R>(
       const ended = fiber?.unsafePoll()
       if (ended) {
         fiber = undefined
-        if (Exit.isFailure(ended))
+        // Interrupted only: its scope is closing (this tick is the last), not a failure to report.
+        if (Exit.isFailure(ended) && !Cause.isInterruptedOnly(ended.cause))
           yield* Effect.logWarning("singleton ended with a failure; starting it again", ended.cause)
       }
       if (fiber === undefined) fiber = yield* Effect.forkScoped(Effect.scoped(run))
