@@ -8,7 +8,7 @@
  */
 import type { SqlClient } from "@effect/sql"
 import { Cause, Context, Effect, Exit, Layer, Option, Schema, Scope } from "effect"
-import { builtinHandlers } from "../actors/handlers/Builtin.ts"
+import { builtinHandlers } from "../handlers/Builtin.ts"
 import { Probe } from "../actors/ProbeActor.ts"
 import * as Worker from "../actors/WorkerActor.ts"
 import * as WorkerHttp from "../edge/WorkerHttp.ts"
@@ -18,7 +18,7 @@ import * as Node from "../runtime/core/Node.ts"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
 
 export * as JobHandler from "../runtime/jobs/JobHandler.ts"
-export { builtinHandlers } from "../actors/handlers/Builtin.ts"
+export { builtinHandlers } from "../handlers/Builtin.ts"
 export type { Interaction, Resolution } from "../protocol/Jobs.ts"
 
 /** A worker's settings; each one left out comes from the environment variable it names. */

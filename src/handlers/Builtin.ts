@@ -5,7 +5,7 @@
  * Browser recipes come with `src/browser/`.
  */
 import { Duration, Effect, Schema } from "effect"
-import * as JobHandler from "../../runtime/jobs/JobHandler.ts"
+import * as JobHandler from "../runtime/jobs/JobHandler.ts"
 
 /** The built-in handlers. */
 export const builtinHandlers = JobHandler.handlers({
