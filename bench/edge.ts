@@ -48,6 +48,7 @@ import {
   WsClient
 } from "./internal/edge-ws.ts"
 import { Arrivals } from "./internal/peers.ts"
+import { eventsChannel } from "../src/protocol/Notifications.ts"
 import {
   type CpuUse,
   cpuMeter,
@@ -280,7 +281,7 @@ const measure = (
         // And when the event's insert wakes a plain LISTEN connection on the stream's channel.
         const listener = new pg.Client({ connectionString: db.url, application_name: "bench-edge-listen" })
         await listener.connect()
-        await listener.query(`LISTEN "${EventStream.channel}"`)
+        await listener.query(`LISTEN "${eventsChannel}"`)
         let notifiedAt: Array<number> = []
         listener.on("notification", () => notifiedAt.push(performance.now()))
         const cancelMs: Array<number> = []

@@ -40,6 +40,7 @@ import * as Http from "node:http"
 import { describe } from "../db/Database.ts"
 import * as Node from "../core/Node.ts"
 import { makeFailures, makeWake } from "../core/internal/loop.ts"
+import { callbacksChannel } from "../../protocol/Notifications.ts"
 
 /** The default wait before each retry: 10 s, 20 s, 30 s (four attempts in all). */
 export const defaultRetryDelays: ReadonlyArray<Duration.Duration> = [
@@ -48,8 +49,6 @@ export const defaultRetryDelays: ReadonlyArray<Duration.Duration> = [
   Duration.seconds(30)
 ]
 
-/** The NOTIFY channel `troupe_job_event` wakes the dispatcher on. */
-export const channel = "callbacks:new"
 
 /** Options of a dispatcher. */
 export interface Options {
@@ -311,7 +310,7 @@ export const make = (options: Options): Effect.Effect<Dispatcher, never, SqlClie
     )
     const loopFiber = yield* Effect.forkScoped(Effect.interruptible(loop))
 
-    yield* options.node.listen(channel, wake)
+    yield* options.node.listen(callbacksChannel, wake)
     yield* options.node.onReconnect(wake)
 
     // --- Graceful shutdown (runs first: added last) ---

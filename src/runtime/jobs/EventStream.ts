@@ -26,9 +26,8 @@ import { makeWake, pollEvery } from "../core/internal/loop.ts"
 import { refail } from "../db/Persistence.ts"
 import { runHot } from "../db/PreparedPool.ts"
 import { Node, type TroupeNode } from "../core/Node.ts"
+import { eventsChannel } from "../../protocol/Notifications.ts"
 
-/** The NOTIFY channel the insert triggers of both event tables wake the tails on. */
-export const channel = "events:new"
 
 /** Which events a subscription gets. */
 export type EventFilter =
@@ -390,7 +389,7 @@ export const make = (
     yield* Effect.forkScoped(Effect.interruptible(loop))
     // The fallback poll: a timer of its own, not a timeout around every wait.
     yield* pollEvery(wakeLatch, Duration.millis(pollMs))
-    yield* node.listen(channel, wake)
+    yield* node.listen(eventsChannel, wake)
     yield* node.onReconnect(wake)
 
     const awaitReady = Deferred.await(ready).pipe(
