@@ -56,7 +56,7 @@ const targets = {
   failover_ms: 2_000
 }
 
-// --- troupe: to be filled in with the job system (src/runtime/Jobs*.ts, src/actors/Worker*.ts) ---
+// --- troupe: the job system (src/edge/Jobs.ts, src/actors/WorkerActor.ts, src/runtime/jobs/JobStorage.ts) ---
 
 /** troupe's figures; every field is optional until measured. */
 export interface TroupeFigures {

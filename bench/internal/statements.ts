@@ -8,7 +8,7 @@
  * - The claim statement, likewise unnamed and named, claiming one pending row.
  *
  * Rows are addressed to actors registered on `bench-ghost`, a node that does not run.
- * The SQL texts below mirror src/runtime/MailboxStorage.ts (insert and claim).
+ * The SQL texts below mirror src/runtime/core/MailboxStorage.ts (insert and claim).
  */
 import { SqlClient } from "@effect/sql"
 import { Effect, Layer } from "effect"
