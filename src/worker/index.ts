@@ -8,6 +8,8 @@
  */
 import type { SqlClient } from "@effect/sql"
 import { Cause, Context, Effect, Exit, Layer, Option, Schema, Scope } from "effect"
+import * as Browser from "../browser/Browser.ts"
+import * as Recipe from "../browser/Recipe.ts"
 import { builtinHandlers } from "../handlers/Builtin.ts"
 import { Probe } from "../actors/ProbeActor.ts"
 import * as Worker from "../actors/WorkerActor.ts"
@@ -71,7 +73,9 @@ export const make = (
         : {}),
       ...options.prices
     }
-    const handlers = { ...builtinHandlers, ...options.handlers }
+    // Launched on the first browser job only; closed after the worker (made before it).
+    const browser = yield* Browser.make(yield* Browser.OptionsConfig)
+    const handlers = { ...builtinHandlers, ...Recipe.handlers(browser), ...options.handlers }
     const maxConcurrent = options.maxConcurrent ?? config.maxConcurrent
     const worker = yield* Worker.make(node, {
       workerId: options.workerId ?? Option.getOrUndefined(config.workerId),

@@ -70,7 +70,7 @@ describe("handler modules outside src/", () => {
             { env }
           )
           yield* proc.waitFor("is up", { within: "90 seconds" })
-          expect(proc.stdout()).toContain("job types noop, sleep, echo, ask_human, greet")
+          expect(proc.stdout()).toContain("job types noop, sleep, echo, ask_human, recipe, greet")
           const port = /ws:\/\/127\.0\.0\.1:(\d+)\/v1\/ws/.exec(proc.stdout())?.[1]
           expect(port).toBeDefined()
 
@@ -114,7 +114,7 @@ describe("handler modules outside src/", () => {
               byLayer.waitFor("troupe worker worker-layer is up on node node-layer", {
                 within: "90 seconds"
               }),
-              byPromise.waitFor("ready worker-promise on node-promise: noop, sleep, echo, ask_human, greet", {
+              byPromise.waitFor("ready worker-promise on node-promise: noop, sleep, echo, ask_human, recipe, greet", {
                 within: "90 seconds"
               })
             ],

@@ -1,6 +1,6 @@
 /**
  * The layout's one rule, checked on the sources: imports run downward only,
- * protocol ← runtime (db ← core ← jobs) ← actors, handlers ← edge ← worker, cli; `src/protocol/`
+ * protocol ← runtime (db ← core ← jobs) ← actors, browser, handlers ← edge ← worker, cli; `src/protocol/`
  * imports nothing but `effect`. A new import that runs upward fails here with its file and line.
  */
 import { describe, expect, it } from "@effect/vitest"
@@ -19,6 +19,7 @@ const levelOf = (file: string): number => {
     case "runtime":
       return rel[1] === "db" ? 1 : rel[1] === "core" ? 2 : rel[1] === "jobs" ? 3 : 1
     case "actors":
+    case "browser":
     case "handlers":
       return 4
     case "edge":

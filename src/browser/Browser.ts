@@ -1,0 +1,181 @@
+/**
+ * One Chromium per worker node, a `BrowserContext` per job. The browser is launched on the
+ * first job that needs it (through `playwright-core`, `TROUPE_CHROMIUM` or `/usr/bin/chromium`,
+ * headless unless `TROUPE_BROWSER_HEADLESS=false`), and launched again for the next job
+ * after a crash. A job's context (cookies, storage, downloads of its own) and its page are
+ * acquired in the job's scope, so they close however the job ends: completed, failed,
+ * cancelled (the handler is interrupted, the context closed at once) or timed out.
+ *
+ * No Chromium on the machine: a browser job fails with `BROWSER_UNAVAILABLE`, naming the
+ * variable to set; everything else keeps working. The browser dying under a job fails it
+ * with `BROWSER_CRASHED`.
+ */
+import { Config, Context, Effect, Layer, type Scope } from "effect"
+import * as Fs from "node:fs"
+import { type Browser as PwBrowser, type BrowserContext, chromium, type Page } from "playwright-core"
+import { JobError } from "../runtime/jobs/JobHandler.ts"
+
+/** Error codes of browser jobs. */
+export const BrowserErrorCode = {
+  unavailable: "BROWSER_UNAVAILABLE",
+  crashed: "BROWSER_CRASHED"
+} as const
+
+/** A job's browser: its own context and page (a service next to `JobContext`). */
+export interface Session {
+  readonly context: BrowserContext
+  readonly page: Page
+  /** An id for `browser_session_id`: the browser's launch and the context's number in it. */
+  readonly id: string
+}
+
+/** The browser session of the running job (provided by `withSession`). */
+export class BrowserSession extends Context.Tag("troupe/browser/BrowserSession")<BrowserSession, Session>() {}
+
+/** How the browser is launched. */
+export interface Options {
+  /** The Chromium binary (`TROUPE_CHROMIUM`, default `/usr/bin/chromium`). */
+  readonly executablePath?: string
+  /** Headless (default); `TROUPE_BROWSER_HEADLESS=false` runs headful on `DISPLAY`. */
+  readonly headless?: boolean
+}
+
+/** `TROUPE_CHROMIUM`, `TROUPE_BROWSER_HEADLESS`. */
+export const OptionsConfig = Config.all({
+  executablePath: Config.string("TROUPE_CHROMIUM").pipe(Config.withDefault("/usr/bin/chromium")),
+  headless: Config.boolean("TROUPE_BROWSER_HEADLESS").pipe(Config.withDefault(true))
+})
+
+/** Figures of the browser, for `/worker/status` and `/metrics`. */
+export interface Stats {
+  /** Chromium's version, once launched. */
+  readonly version: string | null
+  readonly openContexts: number
+  readonly launches: number
+}
+
+/** The browser of a worker node. */
+export interface Browser {
+  /** A fresh context and page for the current job, closed when the scope closes. */
+  readonly session: Effect.Effect<Session, JobError, Scope.Scope>
+  readonly stats: () => Stats
+  /** The running browser's main process (Linux: a child of this process running the binary), to check recovery. */
+  readonly pid: () => number | undefined
+}
+
+/** The browser of this worker node. */
+export class BrowserTag extends Context.Tag("troupe/browser/Browser")<BrowserTag, Browser>() {}
+
+/** Make the browser of a worker node; it is launched on first use and closed with the scope. */
+export const make = (options: Options = {}): Effect.Effect<Browser, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const executablePath = options.executablePath ?? "/usr/bin/chromium"
+    const headless = options.headless ?? true
+    const lock = yield* Effect.makeSemaphore(1)
+    let current: PwBrowser | undefined
+    let launches = 0
+    let contexts = 0
+    let opened = 0
+    let version: string | null = null
+
+    const unavailable = (reason: string) =>
+      new JobError({
+        code: BrowserErrorCode.unavailable,
+        message: `no browser: ${reason}; install Chromium or set TROUPE_CHROMIUM to its path`
+      })
+
+    /** The running browser, launched if there is none (or it crashed). */
+    const ensure = lock.withPermits(1)(
+      Effect.suspend(() => {
+        if (current?.isConnected()) return Effect.succeed(current)
+        if (!Fs.existsSync(executablePath)) return Effect.fail(unavailable(`${executablePath} does not exist`))
+        return Effect.tryPromise({
+          try: () => chromium.launch({ executablePath, headless, args: ["--no-sandbox"] }),
+          catch: (e) => unavailable(`${executablePath} did not start (${firstLine(e)})`)
+        }).pipe(
+          Effect.tap((browser) =>
+            Effect.sync(() => {
+              launches++
+              version = browser.version()
+              current = browser
+              browser.on("disconnected", () => {
+                if (current === browser) current = undefined
+              })
+            })
+          )
+        )
+      })
+    )
+
+    const session = Effect.gen(function* () {
+      const browser = yield* ensure
+      const context = yield* Effect.acquireRelease(
+        Effect.tryPromise({ try: () => browser.newContext(), catch: (e) => crashed(e) }),
+        (context) =>
+          Effect.promise(() => context.close().catch(() => undefined)).pipe(
+            Effect.ensuring(Effect.sync(() => contexts--))
+          )
+      )
+      contexts++
+      const page = yield* Effect.tryPromise({ try: () => context.newPage(), catch: (e) => crashed(e) })
+      return { context, page, id: `chromium-${launches}-${++opened}` }
+    })
+
+    yield* Effect.addFinalizer(() =>
+      Effect.promise(async () => {
+        await current?.close().catch(() => undefined)
+        current = undefined
+      })
+    )
+
+    return {
+      session,
+      stats: () => ({ version, openContexts: contexts, launches }),
+      pid: () => (current?.isConnected() ? childPid(executablePath) : undefined)
+    } satisfies Browser
+  })
+
+/** The browser of this worker node as a layer, configured from the environment. */
+export const layerConfig: Layer.Layer<BrowserTag, never> = Layer.scoped(
+  BrowserTag,
+  Effect.flatMap(Effect.orDie(OptionsConfig), make)
+)
+
+/** Run `effect` with a fresh browser session of its own, closed when it ends however it ends. */
+export const withSession = <A, E, R>(
+  browser: Browser,
+  effect: Effect.Effect<A, E, R | BrowserSession>
+): Effect.Effect<A, E | JobError, Exclude<Exclude<R, BrowserSession>, Scope.Scope>> =>
+  Effect.scoped(Effect.flatMap(browser.session, (s) => Effect.provideService(effect, BrowserSession, s)))
+
+/** What a failed Playwright call means for the job: the browser died, or the step failed. */
+export const crashed = (e: unknown): JobError =>
+  new JobError({ code: BrowserErrorCode.crashed, message: `the browser crashed: ${firstLine(e)}` })
+
+/** Whether a Playwright error says the browser (or its page) is gone. */
+export const isGone = (e: unknown): boolean =>
+  /Target (page, context or browser )?(has been )?closed|Browser has been closed|browser has disconnected/i.test(
+    String(e)
+  )
+
+// --- internal ---
+
+/** The pid of this process's child that runs `binary`, read from /proc (Linux). */
+const childPid = (binary: string): number | undefined => {
+  for (const entry of Fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const stat = Fs.readFileSync(`/proc/${entry}/stat`, "utf8")
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1])
+      if (ppid !== process.pid) continue
+      const argv0 = Fs.readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0")[0]
+      // `binary` itself, or what it execs (Debian's /usr/bin/chromium is a wrapper script).
+      if (argv0 === binary || argv0?.includes("chrom") === true) return Number(entry)
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return undefined
+}
+
+const firstLine = (e: unknown) => String(e instanceof Error ? e.message : e).split("\n")[0]!.slice(0, 300)
