@@ -38,6 +38,8 @@ export interface Options {
   readonly executablePath?: string
   /** Headless (default); `TROUPE_BROWSER_HEADLESS=false` runs headful on `DISPLAY`. */
   readonly headless?: boolean
+  /** Run on each new context before its page opens (tests answer vendors' URLs locally with `context.route`). */
+  readonly onContext?: (context: BrowserContext) => Promise<void>
 }
 
 /** `TROUPE_CHROMIUM`, `TROUPE_BROWSER_HEADLESS`. */
@@ -117,6 +119,8 @@ export const make = (options: Options = {}): Effect.Effect<Browser, never, Scope
           )
       )
       contexts++
+      const prepare = options.onContext
+      if (prepare !== undefined) yield* Effect.tryPromise({ try: () => prepare(context), catch: (e) => crashed(e) })
       const page = yield* Effect.tryPromise({ try: () => context.newPage(), catch: (e) => crashed(e) })
       return { context, page, id: `chromium-${launches}-${++opened}` }
     })

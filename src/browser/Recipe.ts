@@ -6,10 +6,11 @@
  * result. A failed step fails the job with `RECIPE_STEP_FAILED`, naming the step and the
  * page's URL; the browser dying under it fails it with `BROWSER_CRASHED`.
  */
-import { Effect, Schema } from "effect"
+import { Cause, Duration, Effect, Exit, Option, Schema } from "effect"
 import type { Page } from "playwright-core"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
 import { type Browser, BrowserSession, crashed, isGone, withSession } from "./Browser.ts"
+import * as Captcha from "./Captcha.ts"
 
 const Selector = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(2000))
 const common = {
@@ -49,8 +50,21 @@ export const Step = Schema.Union(
 )
 export type Step = typeof Step.Type
 
-/** A recipe: its steps, in order. */
-export const Recipe = Schema.Struct({ steps: Schema.Array(Step).pipe(Schema.minItems(1), Schema.maxItems(500)) })
+/** How a recipe hands a captcha to a human. */
+export const CaptchaOptions = Schema.Struct({
+  /** Selectors that mean "a captcha" on the recipe's site (`custom`), tried before the vendors' markers. */
+  custom_selectors: Schema.optional(Schema.Array(Selector).pipe(Schema.maxItems(50))),
+  /** How long a human has, per hand-off (default 300 s). */
+  timeout_seconds: Schema.optional(Schema.Int.pipe(Schema.between(1, 7 * 24 * 3600))),
+  /** The wait after a human says it is solved, before the page is checked again (default 2,500 ms). */
+  recheck_after_ms: Schema.optional(Schema.Int.pipe(Schema.between(0, 60_000)))
+})
+
+/** A recipe: its steps, in order, and how captchas are handed to a human. */
+export const Recipe = Schema.Struct({
+  steps: Schema.Array(Step).pipe(Schema.minItems(1), Schema.maxItems(500)),
+  captcha: Schema.optional(CaptchaOptions)
+})
 export type Recipe = typeof Recipe.Type
 
 /** The `recipe` job type, on this node's browser. */
@@ -68,9 +82,16 @@ export const run = (recipe: Recipe) =>
     const { page } = yield* BrowserSession
     const extracted: Record<string, string | ReadonlyArray<string> | null> = {}
     const total = recipe.steps.length
+    const custom = recipe.captcha?.custom_selectors ?? []
+    const lookForCaptcha = Effect.tryPromise({ try: () => Captcha.detect(page, custom), catch: (e) => crashed(e) })
+    const handOff = (found: Captcha.Detected) =>
+      handToHuman(lookForCaptcha, found, page, {
+        timeoutSeconds: recipe.captcha?.timeout_seconds ?? 300,
+        recheckAfterMs: recipe.captcha?.recheck_after_ms ?? 2500
+      })
     for (const [i, step] of recipe.steps.entries()) {
       const label = `${i + 1}/${total} ${step.name ?? describeStep(step)}`
-      yield* JobHandler.cookbookStep(
+      const attempt = JobHandler.cookbookStep(
         label,
         Effect.tryPromise({
           try: () => perform(page, step, extracted),
@@ -84,11 +105,69 @@ export const run = (recipe: Recipe) =>
         }),
         { index: i + 1, total }
       )
+      // A step that fails because a captcha stands in the way is tried again once a human has solved it.
+      while (true) {
+        const exit = yield* Effect.exit(attempt)
+        if (Exit.isSuccess(exit)) break
+        const failure = Cause.failureOption(exit.cause)
+        if (Option.isNone(failure) || failure.value.code !== "RECIPE_STEP_FAILED") return yield* exit
+        const found = yield* lookForCaptcha
+        if (found === undefined) return yield* exit
+        yield* handOff(found)
+      }
+      if (navigates(step)) {
+        const found = yield* lookForCaptcha
+        if (found !== undefined) yield* handOff(found)
+      }
     }
     return { extracted, url: safeUrl(page) }
   })
 
 // --- internal ---
+
+/** Steps after which the page may be a new one (and may show a captcha). */
+const navigates = (step: Step) => step.action === "goto" || step.action === "click" || step.action === "press"
+
+/**
+ * Hold the page for a human: `needs_human` with the captcha's type, selector and the page's
+ * URL; once a human says it is solved, wait `recheckAfterMs` and look again. Still there: a
+ * new `needs_human`, with the number of re-checks; gone: the recipe goes on.
+ */
+const handToHuman = (
+  lookForCaptcha: Effect.Effect<Captcha.Detected | undefined, JobHandler.JobError>,
+  first: Captcha.Detected,
+  page: Page,
+  options: { readonly timeoutSeconds: number; readonly recheckAfterMs: number }
+) =>
+  Effect.gen(function* () {
+    let found: Captcha.Detected | undefined = first
+    for (let rechecks = 0; found !== undefined; rechecks++) {
+      yield* JobHandler.needsHuman({
+        type: "captcha",
+        captcha_type: found.captcha_type,
+        difficulty: found.difficulty,
+        page_url: safeUrl(page),
+        element_selector: found.element_selector,
+        timeout_seconds: options.timeoutSeconds,
+        message:
+          rechecks === 0
+            ? `${captchaNames[found.kind]} detected`
+            : `${captchaNames[found.kind]} still there after ${rechecks} re-check${rechecks === 1 ? "" : "s"}`
+      })
+      yield* Effect.sleep(Duration.millis(options.recheckAfterMs))
+      found = yield* lookForCaptcha
+    }
+  })
+
+const captchaNames: Record<Captcha.Detected["kind"], string> = {
+  recaptcha_v2_checkbox: "reCAPTCHA challenge",
+  recaptcha_v2_invisible: "Invisible reCAPTCHA",
+  recaptcha_v3: "reCAPTCHA v3",
+  hcaptcha: "hCaptcha challenge",
+  turnstile: "Cloudflare Turnstile",
+  cloudflare_challenge: "Cloudflare challenge page",
+  custom: "Captcha"
+}
 
 const perform = async (
   page: Page,
