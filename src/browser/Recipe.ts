@@ -10,6 +10,7 @@ import { Cause, Duration, Effect, Exit, Option, Schema } from "effect"
 import type { Page } from "playwright-core"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
 import { type Browser, BrowserSession, crashed, isGone, withSession } from "./Browser.ts"
+import type { ArtifactStore } from "./ArtifactStore.ts"
 import * as Captcha from "./Captcha.ts"
 
 const Selector = Schema.String.pipe(Schema.minLength(1), Schema.maxLength(2000))
@@ -68,16 +69,16 @@ export const Recipe = Schema.Struct({
 export type Recipe = typeof Recipe.Type
 
 /** The `recipe` job type, on this node's browser. */
-export const handlers = (browser: Browser): JobHandler.Handlers =>
+export const handlers = (browser: Browser, artifacts?: ArtifactStore): JobHandler.Handlers =>
   JobHandler.handlers({
     recipe: Effect.gen(function* () {
       const recipe = yield* JobHandler.payload(Recipe)
-      return yield* withSession(browser, run(recipe))
+      return yield* withSession(browser, run(recipe, artifacts))
     })
   })
 
 /** Run a recipe's steps on the session's page; the extracted values and the final URL. */
-export const run = (recipe: Recipe) =>
+export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
   Effect.gen(function* () {
     const { page } = yield* BrowserSession
     const extracted: Record<string, string | ReadonlyArray<string> | null> = {}
@@ -85,7 +86,7 @@ export const run = (recipe: Recipe) =>
     const custom = recipe.captcha?.custom_selectors ?? []
     const lookForCaptcha = Effect.tryPromise({ try: () => Captcha.detect(page, custom), catch: (e) => crashed(e) })
     const handOff = (found: Captcha.Detected) =>
-      handToHuman(lookForCaptcha, found, page, {
+      handToHuman(lookForCaptcha, found, page, artifacts, {
         timeoutSeconds: recipe.captcha?.timeout_seconds ?? 300,
         recheckAfterMs: recipe.captcha?.recheck_after_ms ?? 2500
       })
@@ -137,12 +138,23 @@ const handToHuman = (
   lookForCaptcha: Effect.Effect<Captcha.Detected | undefined, JobHandler.JobError>,
   first: Captcha.Detected,
   page: Page,
+  artifacts: ArtifactStore | undefined,
   options: { readonly timeoutSeconds: number; readonly recheckAfterMs: number }
 ) =>
   Effect.gen(function* () {
     let found: Captcha.Detected | undefined = first
     for (let rechecks = 0; found !== undefined; rechecks++) {
+      // A fresh full-page screenshot for each hand-off; a screenshot that fails does not stop it.
+      const screenshot =
+        artifacts === undefined
+          ? undefined
+          : yield* Effect.tryPromise(() => page.screenshot({ fullPage: true, type: "png" })).pipe(
+              Effect.flatMap((png) => artifacts.putPng(png)),
+              Effect.map((a) => a.url),
+              Effect.catchAll((e) => Effect.as(Effect.logWarning("screenshot for the hand-off not taken", e), undefined))
+            )
       yield* JobHandler.needsHuman({
+        ...(screenshot === undefined ? {} : { screenshot_url: screenshot }),
         type: "captcha",
         captcha_type: found.captcha_type,
         difficulty: found.difficulty,

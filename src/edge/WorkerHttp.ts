@@ -23,6 +23,7 @@ import { type ErrorCode, Health, RestError, WorkerHealth, WorkerStatus } from ".
 import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
 import { sameSecret } from "./Auth.ts"
 import type { Worker } from "../actors/WorkerActor.ts"
+import type { ArtifactStore } from "../browser/ArtifactStore.ts"
 
 /** Options of a worker node's HTTP server. */
 export interface Options {
@@ -38,6 +39,8 @@ export interface Options {
   readonly commitSha?: string
   /** How long the `SELECT 1` of `GET /health` may take before the database counts as down (default 2 s). */
   readonly healthTimeout?: Duration.DurationInput
+  /** Where the screenshots of held jobs are kept; served at `/artifacts/<token>`. */
+  readonly artifacts?: ArtifactStore
 }
 
 /** `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, and the deployment (`DeploymentConfig`). */
@@ -183,7 +186,20 @@ export const make = (
       })
     })
 
+    // A screenshot of a job held for a human, by its unguessable token (no secret: the
+    // token is the capability, and it is only ever handed out in that job's needs_human).
+    const artifact = Effect.gen(function* () {
+      const { token } = yield* HttpRouter.params
+      const png = options.artifacts === undefined ? Option.none() : yield* options.artifacts.getPng(token ?? "")
+      if (Option.isNone(png)) return failure(404, "NOT_FOUND", "no such artifact on this worker")
+      return HttpServerResponse.uint8Array(png.value, {
+        contentType: "image/png",
+        headers: { "cache-control": "private, max-age=3600", "x-content-type-options": "nosniff" }
+      })
+    })
+
     const router = HttpRouter.empty.pipe(
+      HttpRouter.get("/artifacts/:token", artifact),
       HttpRouter.get("/health", health),
       HttpRouter.get("/worker/health", workerHealth),
       HttpRouter.get("/worker/status", workerStatus),

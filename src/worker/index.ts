@@ -8,6 +8,8 @@
  */
 import type { SqlClient } from "@effect/sql"
 import { Cause, Context, Effect, Exit, Layer, Option, Schema, Scope } from "effect"
+import * as Path from "node:path"
+import * as ArtifactStore from "../browser/ArtifactStore.ts"
 import * as Browser from "../browser/Browser.ts"
 import * as Recipe from "../browser/Recipe.ts"
 import { builtinHandlers } from "../handlers/Builtin.ts"
@@ -75,7 +77,8 @@ export const make = (
     }
     // Launched on the first browser job only; closed after the worker (made before it).
     const browser = yield* Browser.make(yield* Browser.OptionsConfig)
-    const handlers = { ...builtinHandlers, ...Recipe.handlers(browser), ...options.handlers }
+    const artifacts = ArtifactStore.filesystem(Path.join((yield* NodeConfig).dataDir, "artifacts"))
+    const handlers = { ...builtinHandlers, ...Recipe.handlers(browser, artifacts), ...options.handlers }
     const maxConcurrent = options.maxConcurrent ?? config.maxConcurrent
     const worker = yield* Worker.make(node, {
       workerId: options.workerId ?? Option.getOrUndefined(config.workerId),
@@ -93,8 +96,14 @@ export const make = (
         ? undefined
         : yield* WorkerHttp.make(worker, {
             ...httpOptions,
+            artifacts,
             ...(options.httpPort === undefined ? {} : { port: options.httpPort })
           })
+    // Screenshot URLs name the address a client reaches this machine at.
+    if (http !== undefined) {
+      const host = http.host === "0.0.0.0" ? (Option.getOrUndefined(config.ec2Ip) ?? "127.0.0.1") : http.host
+      artifacts.servedAt(`http://${host}:${http.port}`)
+    }
     return {
       nodeId: node.id,
       workerId: worker.workerId,

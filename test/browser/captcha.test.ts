@@ -11,7 +11,12 @@ import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
 import * as Http from "node:http"
 import type { AddressInfo } from "node:net"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import * as Fs from "node:fs"
+import * as ArtifactStore from "../../src/browser/ArtifactStore.ts"
 import * as Browser from "../../src/browser/Browser.ts"
+import * as WorkerHttp from "../../src/edge/WorkerHttp.ts"
 import * as Recipe from "../../src/browser/Recipe.ts"
 import * as Db from "../fixtures/Db.ts"
 import { eventually, startGateway, startWorker, statusIs } from "../fixtures/Jobs.ts"
@@ -139,8 +144,20 @@ describe("captcha hand-off in Chromium", () => {
       Effect.gen(function* () {
         const { base, solve } = yield* site
         const browser = yield* answerVendorsLocally
+        const dir = yield* Effect.acquireRelease(
+          Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "troupe-artifacts-"))),
+          (d) => Effect.sync(() => Fs.rmSync(d, { recursive: true, force: true }))
+        )
+        const artifacts = ArtifactStore.filesystem(dir)
         const { jobs } = yield* startGateway("gw-c1")
-        yield* startWorker("c1", { handlers: Recipe.handlers(browser) })
+        const w = yield* startWorker("c1", { handlers: Recipe.handlers(browser, artifacts) })
+        const http = yield* WorkerHttp.make(w.worker, { port: 0, host: "127.0.0.1", artifacts })
+        artifacts.servedAt(`http://127.0.0.1:${http.port}`)
+        const fetchPng = (url: string) =>
+          Effect.promise(async () => {
+            const res = await fetch(url)
+            return { status: res.status, type: res.headers.get("content-type"), bytes: new Uint8Array(await res.arrayBuffer()) }
+          })
         for (const [vendor, expected] of Object.entries(vendors)) {
           const key = `${vendor}-${Date.now()}`
           const job = yield* jobs.submit({
@@ -165,11 +182,21 @@ describe("captcha hand-off in Chromium", () => {
               timeout_seconds: 300
             }
           })
+          // The screenshot of the held page is served by the worker as a PNG.
+          const shot = yield* fetchPng((held.interaction as { screenshot_url: string }).screenshot_url)
+          expect({ status: shot.status, type: shot.type, magic: [...shot.bytes.slice(0, 4)] }).toEqual({
+            status: 200,
+            type: "image/png",
+            magic: [0x89, 0x50, 0x4e, 0x47]
+          })
           // Resumed while the captcha is still there: checked again, and a second needs_human.
           yield* jobs.resume(job.id, { resolved_by: "human" })
           yield* eventually(Effect.map(interactionEvents(job.id), (n) => (n === 2 ? true : undefined)))
           yield* statusIs(job.id, "needs_human")
-          expect(((yield* jobs.get(job.id)).interaction as { message: string }).message).toContain("after 1 re-check")
+          const again = (yield* jobs.get(job.id)).interaction as { message: string; screenshot_url: string }
+          expect(again.message).toContain("after 1 re-check")
+          // A fresh screenshot for the second hand-off.
+          expect(again.screenshot_url).not.toBe((held.interaction as { screenshot_url: string }).screenshot_url)
           // Solved: the widget goes, the resume lets the recipe go on from the step after the goto.
           solve(key)
           yield* jobs.resume(job.id, { resolved_by: "human" })
@@ -180,6 +207,8 @@ describe("captcha hand-off in Chromium", () => {
         expect(vendorRequests.some((u) => u.includes("hcaptcha.com"))).toBe(true)
         expect(vendorRequests.some((u) => u.startsWith("https://challenges.cloudflare.com/"))).toBe(true)
         expect(browser.stats().openContexts).toBe(0)
+        // A token nobody was given finds nothing.
+        expect((yield* fetchPng(`http://127.0.0.1:${http.port}/artifacts/${"A".repeat(32)}`)).status).toBe(404)
       })
     )
 
