@@ -137,7 +137,8 @@ export const make = (
       handlers: options.handlers,
       prices: options.prices ?? JobHandler.defaultPrices,
       retryWritesFor,
-      stopping: () => stopping
+      stopping: () => stopping,
+      browserAt: (sessionId, url) => workers.setBrowser(workerId, sessionId, url)
     })
 
     // --- Hand-off: jobs a submit gave this worker directly ---

@@ -80,7 +80,8 @@ export const handlers = (browser: Browser, artifacts?: ArtifactStore): JobHandle
 /** Run a recipe's steps on the session's page; the extracted values and the final URL. */
 export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
   Effect.gen(function* () {
-    const { page } = yield* BrowserSession
+    const session = yield* BrowserSession
+    const { page } = session
     const extracted: Record<string, string | ReadonlyArray<string> | null> = {}
     const total = recipe.steps.length
     const custom = recipe.captcha?.custom_selectors ?? []
@@ -117,6 +118,7 @@ export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
         yield* handOff(found)
       }
       if (navigates(step)) {
+        yield* JobHandler.browserAt(session.id, safeUrl(page))
         const found = yield* lookForCaptcha
         if (found !== undefined) yield* handOff(found)
       }

@@ -234,10 +234,25 @@ describe("captcha hand-off in Chromium", () => {
         })
         yield* statusIs(job.id, "needs_human")
         expect((yield* jobs.get(job.id)).interaction).toMatchObject({ captcha_type: "hcaptcha" })
+        // The registry shows the worker's browser session and the page its job holds.
+        const registry = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+          sql<{ browser_session_id: string | null; current_task_url: string | null }>`
+            SELECT browser_session_id, current_task_url FROM gh_worker_registry WHERE worker_id = 'w-c2'`
+        )
+        expect((yield* registry)[0]).toEqual({
+          browser_session_id: expect.stringMatching(/^chromium-1-\d+$/),
+          current_task_url: `${base}/captcha/hcaptcha/${key}?late`
+        })
         solve(key)
         yield* jobs.resume(job.id, { resolved_by: "human" })
         yield* statusIs(job.id, "completed")
         expect((yield* jobs.get(job.id)).result).toMatchObject({ extracted: { done: "Solved" } })
+        // Cleared once the job has ended.
+        yield* eventually(
+          Effect.map(registry, (rows) =>
+            rows[0]?.browser_session_id === null && rows[0]?.current_task_url === null ? true : undefined
+          )
+        )
         // The step failed once (the captcha), then passed on its second try.
         const steps = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
           sql<{ event_type: string }>`SELECT event_type FROM gh_job_events WHERE job_id = ${job.id}::uuid

@@ -60,6 +60,8 @@ export interface Run {
   cost: JobHandler.Cost
   costDirty: boolean
   progress: JobHandler.Progress | undefined
+  /** It recorded a browser session (`browserAt`): cleared from the registry when it ends. */
+  browser: boolean
 }
 
 /** The runs on this node. */
@@ -112,6 +114,8 @@ export interface Options {
   readonly retryWritesFor: Duration.Duration
   /** The worker is stopping: runs that end now are abandoned, not written. */
   readonly stopping: () => boolean
+  /** Record the browser session and page of a job in the worker's registry row (null, null: none). */
+  readonly browserAt: (sessionId: string | null, url: string | null) => Effect.Effect<void, PersistenceError>
 }
 
 /** Make the runs of a worker, for the lifetime of the scope. */
@@ -295,7 +299,14 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
         run.costDirty = true
       }),
       setProgress: (progress) => Effect.sync(() => (run.progress = progress)),
-      needsHuman: (interaction) => needsHuman(run, interaction)
+      needsHuman: (interaction) => needsHuman(run, interaction),
+      browserAt: (sessionId, url) =>
+        Effect.suspend(() => {
+          run.browser = true
+          return options.browserAt(sessionId, url).pipe(
+            Effect.catchAll((e) => Effect.logWarning(`job ${run.id}: its page ${url} not recorded`, e))
+          )
+        })
     })
 
     // --- Waiting for a human ---
@@ -473,7 +484,8 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
           stop: undefined,
           cost: JobHandler.decodeCost(row.cost),
           costDirty: false,
-          progress: undefined
+          progress: undefined,
+          browser: false
         }
         runs.set(run.id, run)
         slots.busy++
@@ -511,7 +523,11 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
               // A newer attempt of the same job may have taken this id's place meanwhile.
               if (runs.get(run.id) === run) runs.delete(run.id)
               slots.wake()
-              return runs.size === 0 ? idle.open : Effect.void
+              // Not awaited: the end of the run is not held up by the registry's page.
+              const clear = run.browser
+                ? FiberSet.run(writers, Effect.ignore(options.browserAt(null, null)))
+                : Effect.void
+              return Effect.zipRight(clear, runs.size === 0 ? idle.open : Effect.void)
             })
           )
         )

@@ -71,6 +71,11 @@ export interface JobContextShape {
   readonly setProgress: (progress: Progress) => Effect.Effect<void>
   /** Pause for a human; resumes with their resolution, or fails with `HitlTimeout`. */
   readonly needsHuman: (interaction: Interaction) => Effect.Effect<Resolution, HitlTimeout>
+  /**
+   * Record the job's browser session and the page it is on (`browser_session_id`,
+   * `current_task_url` of the worker's registry row); cleared when the job ends.
+   */
+  readonly browserAt: (sessionId: string, url: string) => Effect.Effect<void>
 }
 
 /** The running job, for its handler. */
@@ -145,6 +150,10 @@ export const cookbookStep = <A, E, R>(
 /** Capture page state between `observation_started` and `observation_completed`. */
 export const observation = <A, E, R>(message: string, effect: Effect.Effect<A, E, R>) =>
   bracketed("observation", message, effect)
+
+/** Record the job's browser session and current page in the worker's registry row. */
+export const browserAt = (sessionId: string, url: string) =>
+  Effect.flatMap(JobContext, (ctx) => ctx.browserAt(sessionId, url))
 
 /** Record the model's reasoning (`thought`). */
 export const thought = (message: string) => report("thought", message)

@@ -143,7 +143,12 @@ export const make = Effect.gen(function* () {
       )
       SELECT worker_id FROM off`.withoutTransform.pipe(Effect.map((rows) => rows.map((r) => r.worker_id)))
 
-  return refailAll({ register, heartbeat, setStatus, find, reap })
+  /** The worker's browser session and the page its job is on (null, null: none). */
+  const setBrowser = (workerId: string, sessionId: string | null, url: string | null) =>
+    sql`UPDATE gh_worker_registry SET browser_session_id = ${sessionId}, current_task_url = ${url}
+        WHERE worker_id = ${workerId}::text`.pipe(Effect.asVoid)
+
+  return refailAll({ register, heartbeat, setStatus, find, reap, setBrowser })
 })
 
 /** The worker statements. */
