@@ -6,7 +6,7 @@
  * result. A failed step fails the job with `RECIPE_STEP_FAILED`, naming the step and the
  * page's URL; the browser dying under it fails it with `BROWSER_CRASHED`.
  */
-import { Cause, Duration, Effect, Exit, Option, Schema } from "effect"
+import { Cause, Duration, Effect, Either, Exit, Option, ParseResult, Schema } from "effect"
 import type { Page } from "playwright-core"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
 import { type Browser, BrowserSession, crashed, isGone, withSession } from "./Browser.ts"
@@ -68,6 +68,19 @@ export const Recipe = Schema.Struct({
 })
 export type Recipe = typeof Recipe.Type
 
+/**
+ * What is wrong with a recipe, for the front desk to refuse it at submit: the first issues,
+ * each with its path (`steps[2].selector: …`); undefined when it is a valid recipe.
+ */
+export const problemOf = (payload: unknown): string | undefined => {
+  const decoded = decodeRecipe(payload, { errors: "all", onExcessProperty: "error" })
+  if (Either.isRight(decoded)) return undefined
+  return ParseResult.ArrayFormatter.formatErrorSync(decoded.left)
+    .slice(0, 5)
+    .map((issue) => `${pathText(issue.path)}: ${issue.message}`)
+    .join("; ")
+}
+
 /** The `recipe` job type, on this node's browser. */
 export const handlers = (browser: Browser, artifacts?: ArtifactStore): JobHandler.Handlers =>
   JobHandler.handlers({
@@ -127,6 +140,13 @@ export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
   })
 
 // --- internal ---
+
+const decodeRecipe = Schema.decodeUnknownEither(Recipe)
+
+const pathText = (path: ReadonlyArray<PropertyKey>) =>
+  path.length === 0
+    ? "payload"
+    : path.map((k, i) => (typeof k === "number" ? `[${k}]` : i === 0 ? String(k) : `.${String(k)}`)).join("")
 
 /** Steps after which the page may be a new one (and may show a captcha). */
 const navigates = (step: Step) => step.action === "goto" || step.action === "click" || step.action === "press"

@@ -9,6 +9,7 @@ import { SqlClient } from "@effect/sql"
 import { Config, type ConfigError, Context, Duration, Effect, Either, Layer, ParseResult, Schema, type Scope } from "effect"
 import * as JobActor from "../actors/JobActor.ts"
 import * as WorkerActor from "../actors/WorkerActor.ts"
+import * as Recipe from "../browser/Recipe.ts"
 import { PersistenceError, type RuntimeError } from "../protocol/Errors.ts"
 import {
   Conflict,
@@ -181,6 +182,8 @@ export const make = (
             reason: `worker_affinity "${job.worker_affinity}" needs a target_worker_id`
           })
         }
+        const problem = payloadProblem(job)
+        if (problem !== undefined) return yield* new InvalidRequest({ reason: problem })
         const row = yield* storage.insert(job, preferredWaitMs)
         if (row === undefined) {
           const t = yield* storage.targetState(job.target_worker_id!)
@@ -211,6 +214,10 @@ export const make = (
           const job = decodeSubmit(input)
           if (Either.isLeft(job)) return yield* new InvalidRequest({ reason: `job ${i}: ${job.left.reason}` })
           decoded[i] = job.right
+        }
+        for (const [i, j] of decoded.entries()) {
+          const problem = payloadProblem(j)
+          if (problem !== undefined) return yield* new InvalidRequest({ reason: `job ${i}: ${problem}` })
         }
         const bad = decoded.findIndex((j) => j.worker_affinity !== "any" && j.target_worker_id === null)
         if (bad >= 0) {
@@ -432,6 +439,13 @@ export const make = (
   })
 
 // --- internal ---
+
+/** Job types whose payload the front desk checks at submit (a bad one is refused, not run). */
+const payloadProblem = (job: SubmitJobFields): string | undefined => {
+  if (job.job_type !== "recipe") return undefined
+  const problem = Recipe.problemOf(job.payload)
+  return problem === undefined ? undefined : `the payload is not a valid recipe: ${problem}`
+}
 
 const runtimeOnly = new Set(["ActorNotFound", "AskTimeout", "MailboxFull", "MalformedMessage", "ActorFailed"])
 

@@ -192,7 +192,7 @@ describe("recipes in Chromium", () => {
       })
     )
 
-    it.scoped("without Chromium a recipe fails with BROWSER_UNAVAILABLE naming TROUPE_CHROMIUM; other jobs keep working; a bad recipe is INVALID_PAYLOAD", () =>
+    it.scoped("without Chromium a recipe fails with BROWSER_UNAVAILABLE naming TROUPE_CHROMIUM; other jobs keep working; a bad recipe is refused at submit with the step's path", () =>
       Effect.gen(function* () {
         const browser = yield* Browser.make({ executablePath: "/nonexistent/chromium" })
         const { jobs } = yield* startGateway("gw-b4")
@@ -205,9 +205,19 @@ describe("recipes in Chromium", () => {
         const error = yield* errorOf(job.id)
         expect(error.error_code).toBe("BROWSER_UNAVAILABLE")
         expect(error.error_message).toContain("TROUPE_CHROMIUM")
-        const bad = yield* jobs.submit({ job_type: "recipe", payload: { steps: [{ action: "fly", to: "moon" }] } })
-        yield* statusIs(bad.id, "failed")
-        expect((yield* errorOf(bad.id)).error_code).toBe("INVALID_PAYLOAD")
+        // A bad recipe is refused at submit, naming the offending step; nothing is stored.
+        const bad = yield* Effect.flip(
+          jobs.submit({
+            job_type: "recipe",
+            payload: { steps: [{ action: "goto", url: "http://127.0.0.1:9/" }, { action: "click" }] }
+          })
+        )
+        expect(bad._tag).toBe("InvalidRequest")
+        expect(bad.message).toContain("steps[1]")
+        const stored = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
+          sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs WHERE job_type = 'recipe'`
+        )
+        expect(stored[0]!.n).toBe(1)
         const other = yield* jobs.submit({ job_type: "noop", payload: {} })
         yield* statusIs(other.id, "completed")
       })
