@@ -206,6 +206,13 @@ describe("recipes in Chromium", () => {
         expect(error.error_code).toBe("BROWSER_UNAVAILABLE")
         expect(error.error_message).toContain("TROUPE_CHROMIUM")
         // A bad recipe is refused at submit, naming the offending step; nothing is stored.
+        const recipes = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+          Effect.map(
+            sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs WHERE job_type = 'recipe'`,
+            (rows) => rows[0]!.n
+          )
+        )
+        const before = yield* recipes
         const bad = yield* Effect.flip(
           jobs.submit({
             job_type: "recipe",
@@ -214,10 +221,7 @@ describe("recipes in Chromium", () => {
         )
         expect(bad._tag).toBe("InvalidRequest")
         expect(bad.message).toContain("steps[1]")
-        const stored = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
-          sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs WHERE job_type = 'recipe'`
-        )
-        expect(stored[0]!.n).toBe(1)
+        expect(yield* recipes).toBe(before)
         const other = yield* jobs.submit({ job_type: "noop", payload: {} })
         yield* statusIs(other.id, "completed")
       })
