@@ -58,10 +58,8 @@ type Answer = Effect.Effect<JobState, Conflict | NotFound | PersistenceError>
 /** Interrupt the job's handler; answered once its end is recorded. */
 const cancel = (runs: RunsService, jobId: string, reason: string): Answer =>
   Effect.gen(function* () {
-    const run = runs.get(jobId)
-    if (run === undefined || run.fiber === undefined) return yield* cancelOrphan(runs, jobId, reason)
-    runs.stop(run, { _tag: "Cancel", reason })
-    const final = yield* runs.endOf(run)
+    const final = yield* runs.cancel(jobId, reason)
+    if (final === undefined) return yield* cancelOrphan(runs, jobId, reason)
     if (final.status !== "cancelled") {
       return yield* new Conflict({
         job_id: jobId,

@@ -284,14 +284,6 @@ export const make = (
         return yield* status
       })
 
-    const cancelRun = (jobId: string, reason: string) =>
-      Effect.gen(function* () {
-        const run = runs.get(jobId)
-        if (run === undefined || run.fiber === undefined) return false
-        runs.stop(run, { _tag: "Cancel", reason })
-        return (yield* runs.endOf(run)).status === "cancelled"
-      })
-
     const deregister = (request: Omit<Deregister, "_tag">) =>
       Effect.gen(function* () {
         yield* drain(request.reason)
@@ -305,8 +297,8 @@ export const make = (
         const cancelAll = Effect.forEach(
           runs.jobIds(),
           (id) =>
-            Effect.map(cancelRun(id, `worker ${workerId} deregistered: ${request.reason}`), (done) => {
-              if (done) cancelled.push(id)
+            Effect.map(runs.cancel(id, `worker ${workerId} deregistered: ${request.reason}`), (final) => {
+              if (final?.status === "cancelled") cancelled.push(id)
             }),
           { concurrency: "unbounded", discard: true }
         )

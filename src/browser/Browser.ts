@@ -156,6 +156,10 @@ export const withSession = <A, E, R>(
 export const crashed = (e: unknown): JobError =>
   new JobError({ code: BrowserErrorCode.crashed, message: `the browser crashed: ${firstLine(e)}` })
 
+/** The first line of an error's message (Playwright's carry a call log below it). */
+export const firstLine = (e: unknown): string =>
+  String(e instanceof Error ? e.message : e).split("\n")[0]!.slice(0, 300)
+
 /** Whether a Playwright error says the browser (or its page) is gone. */
 export const isGone = (e: unknown): boolean =>
   /Target (page, context or browser )?(has been )?closed|Browser has been closed|browser has disconnected/i.test(
@@ -182,4 +186,4 @@ const childPid = (binary: string): number | undefined => {
   return undefined
 }
 
-const firstLine = (e: unknown) => String(e instanceof Error ? e.message : e).split("\n")[0]!.slice(0, 300)
+

@@ -9,7 +9,7 @@
 import { Cause, Duration, Effect, Either, Exit, Option, ParseResult, Schema } from "effect"
 import type { Page } from "playwright-core"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
-import { type Browser, BrowserSession, crashed, isGone, withSession } from "./Browser.ts"
+import { type Browser, BrowserSession, crashed, firstLine, isGone, withSession } from "./Browser.ts"
 import type { ArtifactStore } from "./ArtifactStore.ts"
 import * as Captcha from "./Captcha.ts"
 
@@ -274,4 +274,3 @@ const safeUrl = (page: Page) => {
   }
 }
 
-const firstLine = (e: unknown) => String(e instanceof Error ? e.message : e).split("\n")[0]!.slice(0, 300)

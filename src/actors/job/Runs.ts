@@ -95,6 +95,11 @@ export interface Service {
   readonly stopAttempt: (jobId: string, epoch: number, stop: Stop) => void
   /** How the attempt ended: at once when it has, else when it does. */
   readonly endOf: (run: Run) => Effect.Effect<JobState>
+  /**
+   * Cancel the job's run on this node: stop its handler and wait for its end (which may be
+   * another than `cancelled`, if it ended first). Undefined when it does not run here.
+   */
+  readonly cancel: (jobId: string, reason: string) => Effect.Effect<JobState | undefined>
   /** Hand a human's resolution to a run waiting for it. */
   readonly resume: (run: Run, resolution: Resolution) => Effect.Effect<JobState, Conflict | PersistenceError>
   readonly stateOf: (jobId: string, status: string, worker?: string | null) => JobState
@@ -575,6 +580,13 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
       stop,
       stopAttempt,
       endOf,
+      cancel: (jobId, reason) =>
+        Effect.suspend(() => {
+          const run = runs.get(jobId)
+          if (run === undefined || run.fiber === undefined) return Effect.succeed(undefined)
+          stop(run, { _tag: "Cancel", reason })
+          return endOf(run)
+        }),
       resume,
       stateOf
     } satisfies Service
