@@ -6,13 +6,12 @@
 import { describe, expect, layer } from "@effect/vitest"
 import { Effect, Redacted } from "effect"
 import * as Fs from "node:fs"
-import * as Http from "node:http"
-import type { AddressInfo } from "node:net"
 import * as Path from "node:path"
 import * as Database from "../../src/runtime/db/Database.ts"
 import * as Db from "../fixtures/Db.ts"
 import { startGateway, statusIs } from "../fixtures/Jobs.ts"
 import * as Processes from "../fixtures/Processes.ts"
+import * as Site from "../fixtures/Site.ts"
 
 /** Every process below `root` (children, their children …) whose command names Chromium. */
 const chromiumBelow = (root: number): Array<number> => {
@@ -32,28 +31,15 @@ const chromiumBelow = (root: number): Array<number> => {
     for (let p = parent.get(pid); p !== undefined && p > 1; p = parent.get(p)) if (p === root) return true
     return false
   }
-  return [...command.entries()].filter(([pid, cmd]) => cmd.includes("chrom") && below(pid)).map(([pid]) => pid)
+  return [...command.entries()]
+    .filter(([pid, cmd]) => cmd.includes("chrom") && below(pid))
+    .map(([pid]) => pid)
 }
 
-const hangingSite = Effect.acquireRelease(
-  Effect.async<{ base: string; close: () => void }>((resume) => {
-    const server = Http.createServer(() => {
-      // never answered
-    })
-    server.listen(0, "127.0.0.1", () =>
-      resume(
-        Effect.succeed({
-          base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-          close: () => {
-            server.closeAllConnections()
-            server.close()
-          }
-        })
-      )
-    )
-  }),
-  (s) => Effect.sync(() => s.close())
-)
+/** A page that never finishes loading. */
+const hangingSite = Site.serve(() => {
+  // never answered
+})
 
 describe("no leaked Chromium", () => {
   layer(Db.layer, { excludeTestServices: true })((it) => {

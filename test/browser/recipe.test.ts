@@ -8,11 +8,10 @@ import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
 import * as Fs from "node:fs"
-import * as Http from "node:http"
-import type { AddressInfo } from "node:net"
 import * as Browser from "../../src/browser/Browser.ts"
 import * as Recipe from "../../src/browser/Recipe.ts"
 import * as Db from "../fixtures/Db.ts"
+import * as Site from "../fixtures/Site.ts"
 import { eventually, startGateway, startWorker, statusIs, statusOf } from "../fixtures/Jobs.ts"
 
 const chromiumPath = process.env.TROUPE_CHROMIUM ?? "/usr/bin/chromium"
@@ -21,58 +20,42 @@ const page = (title: string, body: string) =>
   `<!doctype html><html><head><title>${title}</title></head><body>${body}</body></html>`
 
 /** The fixture site: a two-page form, its summary, and a page that never finishes loading. */
-const site = Effect.acquireRelease(
-  Effect.async<{ base: string; close: () => void }>((resume) => {
-    const server = Http.createServer((req, res) => {
-      const url = new URL(req.url ?? "/", "http://x")
-      const html = (body: string) => res.writeHead(200, { "content-type": "text/html" }).end(body)
-      switch (url.pathname) {
-        case "/apply":
-          return html(
-            page(
-              "Apply",
-              `<form action="/details" method="get"><label>Name <input id="name" name="name"></label>
+const site = Site.serve((req, res) => {
+  const url = new URL(req.url ?? "/", "http://x")
+  const html = (body: string) => res.writeHead(200, { "content-type": "text/html" }).end(body)
+  switch (url.pathname) {
+    case "/apply":
+      return html(
+        page(
+          "Apply",
+          `<form action="/details" method="get"><label>Name <input id="name" name="name"></label>
                <button id="next" type="submit">Next</button></form>`
-            )
-          )
-        case "/details":
-          return html(
-            page(
-              "Details",
-              `<p id="greeting">Hello ${url.searchParams.get("name") ?? ""}</p>
+        )
+      )
+    case "/details":
+      return html(
+        page(
+          "Details",
+          `<p id="greeting">Hello ${url.searchParams.get("name") ?? ""}</p>
                <form action="/done" method="get"><input type="hidden" name="name" value="${url.searchParams.get("name") ?? ""}">
                <select id="role" name="role"><option value="dev">Developer</option><option value="ops">Operator</option></select>
                <input id="agree" type="checkbox" name="agree" value="yes"> <button id="submit" type="submit">Submit</button></form>`
-            )
-          )
-        case "/done":
-          return html(
-            page(
-              "Done",
-              `<p id="summary">Applied: ${url.searchParams.get("name")} as ${url.searchParams.get("role")}, agreed ${url.searchParams.get("agree") ?? "no"}</p>
-               <a class="next" href="/jobs/1">one</a><a class="next" href="/jobs/2">two</a>`
-            )
-          )
-        case "/hang":
-          return // never answered
-        default:
-          res.writeHead(404).end()
-      }
-    })
-    server.listen(0, "127.0.0.1", () =>
-      resume(
-        Effect.succeed({
-          base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-          close: () => {
-            server.closeAllConnections()
-            server.close()
-          }
-        })
+        )
       )
-    )
-  }),
-  (s) => Effect.sync(() => s.close())
-)
+    case "/done":
+      return html(
+        page(
+          "Done",
+          `<p id="summary">Applied: ${url.searchParams.get("name")} as ${url.searchParams.get("role")}, agreed ${url.searchParams.get("agree") ?? "no"}</p>
+               <a class="next" href="/jobs/1">one</a><a class="next" href="/jobs/2">two</a>`
+        )
+      )
+    case "/hang":
+      return // never answered
+    default:
+      res.writeHead(404).end()
+  }
+})
 
 const eventsOf = (jobId: string) =>
   Effect.flatMap(
@@ -93,138 +76,162 @@ const errorOf = (jobId: string) =>
 
 describe("recipes in Chromium", () => {
   layer(Db.layer, { excludeTestServices: true })((it) => {
-    it.scoped("a recipe fills and submits a two-page form and returns what it extracted; events carry the step indices", () =>
-      Effect.gen(function* () {
-        const { base } = yield* site
-        const browser = yield* Browser.make({ executablePath: chromiumPath })
-        const { jobs } = yield* startGateway("gw-b1")
-        yield* startWorker("b1", { handlers: Recipe.handlers(browser) })
-        const steps = [
-          { action: "goto", url: `${base}/apply` },
-          { action: "fill", selector: "#name", value: "Ada" },
-          { action: "click", selector: "#next", name: "next page" },
-          { action: "wait_for", url: "**/details?*" },
-          { action: "assert_text", selector: "#greeting", text: "Hello Ada" },
-          { action: "select", selector: "#role", value: "ops" },
-          { action: "check", selector: "#agree" },
-          { action: "click", selector: "#submit" },
-          { action: "wait_for", selector: "#summary" },
-          { action: "extract", as: "summary", selector: "#summary" },
-          { action: "extract", as: "links", selector: "a.next", attribute: "href", all: true }
-        ]
-        const job = yield* jobs.submit({ job_type: "recipe", payload: { steps } })
-        yield* statusIs(job.id, "completed")
-        const done = yield* jobs.get(job.id)
-        expect(done.result).toEqual({
-          extracted: { summary: "Applied: Ada as ops, agreed yes", links: ["/jobs/1", "/jobs/2"] },
-          url: expect.stringContaining("/done?")
+    it.scoped(
+      "a recipe fills and submits a two-page form and returns what it extracted; events carry the step indices",
+      () =>
+        Effect.gen(function* () {
+          const { base } = yield* site
+          const browser = yield* Browser.make({ executablePath: chromiumPath })
+          const { jobs } = yield* startGateway("gw-b1")
+          yield* startWorker("b1", { handlers: Recipe.handlers(browser) })
+          const steps = [
+            { action: "goto", url: `${base}/apply` },
+            { action: "fill", selector: "#name", value: "Ada" },
+            { action: "click", selector: "#next", name: "next page" },
+            { action: "wait_for", url: "**/details?*" },
+            { action: "assert_text", selector: "#greeting", text: "Hello Ada" },
+            { action: "select", selector: "#role", value: "ops" },
+            { action: "check", selector: "#agree" },
+            { action: "click", selector: "#submit" },
+            { action: "wait_for", selector: "#summary" },
+            { action: "extract", as: "summary", selector: "#summary" },
+            { action: "extract", as: "links", selector: "a.next", attribute: "href", all: true }
+          ]
+          const job = yield* jobs.submit({ job_type: "recipe", payload: { steps } })
+          yield* statusIs(job.id, "completed")
+          const done = yield* jobs.get(job.id)
+          expect(done.result).toEqual({
+            extracted: { summary: "Applied: Ada as ops, agreed yes", links: ["/jobs/1", "/jobs/2"] },
+            url: expect.stringContaining("/done?")
+          })
+          const events = yield* eventsOf(job.id)
+          const completed = events.filter((e) => e.event_type === "cookbook_step_completed")
+          expect(completed.map((e) => [e.metadata.step_index, e.metadata.total_steps])).toEqual(
+            steps.map((_, i) => [i + 1, steps.length])
+          )
+          expect(completed.every((e) => typeof e.metadata.elapsed_ms === "number")).toBe(true)
+          expect(browser.stats()).toMatchObject({ openContexts: 0, launches: 1 })
         })
-        const events = yield* eventsOf(job.id)
-        const completed = events.filter((e) => e.event_type === "cookbook_step_completed")
-        expect(completed.map((e) => [e.metadata.step_index, e.metadata.total_steps])).toEqual(
-          steps.map((_, i) => [i + 1, steps.length])
-        )
-        expect(completed.every((e) => typeof e.metadata.elapsed_ms === "number")).toBe(true)
-        expect(browser.stats()).toMatchObject({ openContexts: 0, launches: 1 })
-      })
     )
 
-    it.scoped("cancel during a goto that never loads and during a wait_for: cancelled at once, context closed, the next job runs on the same browser", () =>
-      Effect.gen(function* () {
-        const { base } = yield* site
-        const browser = yield* Browser.make({ executablePath: chromiumPath })
-        const { jobs } = yield* startGateway("gw-b2")
-        yield* startWorker("b2", { handlers: Recipe.handlers(browser) })
-        for (const steps of [
-          [{ action: "goto", url: `${base}/hang`, timeout_ms: 600_000 }],
-          [
-            { action: "goto", url: `${base}/apply` },
-            { action: "wait_for", selector: "#never", timeout_ms: 600_000 }
-          ]
-        ]) {
-          const job = yield* jobs.submit({ job_type: "recipe", payload: { steps } })
-          // The step in progress is the last one, on the job's open context.
-          yield* eventually(
-            Effect.map(eventsOf(job.id), (es) =>
-              es.filter((e) => e.event_type === "cookbook_step_started").length === steps.length &&
-              browser.stats().openContexts === 1
-                ? true
-                : undefined
+    it.scoped(
+      "cancel during a goto that never loads and during a wait_for: cancelled at once, context closed, the next job runs on the same browser",
+      () =>
+        Effect.gen(function* () {
+          const { base } = yield* site
+          const browser = yield* Browser.make({ executablePath: chromiumPath })
+          const { jobs } = yield* startGateway("gw-b2")
+          yield* startWorker("b2", { handlers: Recipe.handlers(browser) })
+          for (const steps of [
+            [{ action: "goto", url: `${base}/hang`, timeout_ms: 600_000 }],
+            [
+              { action: "goto", url: `${base}/apply` },
+              { action: "wait_for", selector: "#never", timeout_ms: 600_000 }
+            ]
+          ]) {
+            const job = yield* jobs.submit({ job_type: "recipe", payload: { steps } })
+            // The step in progress is the last one, on the job's open context.
+            yield* eventually(
+              Effect.map(eventsOf(job.id), (es) =>
+                es.filter((e) => e.event_type === "cookbook_step_started").length === steps.length &&
+                browser.stats().openContexts === 1
+                  ? true
+                  : undefined
+              )
+            )
+            const state = yield* jobs.cancel(job.id, "user pressed stop")
+            expect(state.status).toBe("cancelled")
+            expect((yield* statusOf(job.id)).error_code).toBe("CANCELLED")
+            yield* eventually(Effect.sync(() => (browser.stats().openContexts === 0 ? true : undefined)))
+          }
+          const next = yield* jobs.submit({
+            job_type: "recipe",
+            payload: {
+              steps: [
+                { action: "goto", url: `${base}/apply` },
+                { action: "extract", as: "title", selector: "button" }
+              ]
+            }
+          })
+          yield* statusIs(next.id, "completed")
+          expect((yield* jobs.get(next.id)).result).toMatchObject({ extracted: { title: "Next" } })
+          expect(browser.stats()).toMatchObject({ openContexts: 0, launches: 1 })
+        })
+    )
+
+    it.scoped(
+      "a browser killed under a job fails it with BROWSER_CRASHED; the next job gets a new browser",
+      () =>
+        Effect.gen(function* () {
+          const { base } = yield* site
+          const browser = yield* Browser.make({ executablePath: chromiumPath })
+          const { jobs } = yield* startGateway("gw-b3")
+          yield* startWorker("b3", { handlers: Recipe.handlers(browser) })
+          const job = yield* jobs.submit({
+            job_type: "recipe",
+            payload: { steps: [{ action: "goto", url: `${base}/hang`, timeout_ms: 600_000 }] }
+          })
+          const pid = yield* eventually(
+            Effect.sync(() => (browser.stats().openContexts === 1 ? browser.pid() : undefined))
+          )
+          process.kill(pid, "SIGKILL")
+          yield* statusIs(job.id, "failed")
+          expect((yield* errorOf(job.id)).error_code).toBe("BROWSER_CRASHED")
+          const next = yield* jobs.submit({
+            job_type: "recipe",
+            payload: {
+              steps: [
+                { action: "goto", url: `${base}/apply` },
+                { action: "assert_text", selector: "title", text: "" }
+              ]
+            }
+          })
+          yield* statusIs(next.id, "completed")
+          expect(browser.stats().launches).toBe(2)
+          // The killed browser's process is gone.
+          expect(
+            Fs.existsSync(`/proc/${pid}`) && !Fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z")
+          ).toBe(false)
+        })
+    )
+
+    it.scoped(
+      "without Chromium a recipe fails with BROWSER_UNAVAILABLE naming TROUPE_CHROMIUM; other jobs keep working; a bad recipe is refused at submit with the step's path",
+      () =>
+        Effect.gen(function* () {
+          const browser = yield* Browser.make({ executablePath: "/nonexistent/chromium" })
+          const { jobs } = yield* startGateway("gw-b4")
+          yield* startWorker("b4", {
+            handlers: { ...Recipe.handlers(browser), noop: Effect.succeed({ ok: true }) }
+          })
+          const job = yield* jobs.submit({
+            job_type: "recipe",
+            payload: { steps: [{ action: "goto", url: "http://127.0.0.1:9/" }] }
+          })
+          yield* statusIs(job.id, "failed")
+          const error = yield* errorOf(job.id)
+          expect(error.error_code).toBe("BROWSER_UNAVAILABLE")
+          expect(error.error_message).toContain("TROUPE_CHROMIUM")
+          // A bad recipe is refused at submit, naming the offending step; nothing is stored.
+          const recipes = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+            Effect.map(
+              sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs WHERE job_type = 'recipe'`,
+              (rows) => rows[0]!.n
             )
           )
-          const state = yield* jobs.cancel(job.id, "user pressed stop")
-          expect(state.status).toBe("cancelled")
-          expect((yield* statusOf(job.id)).error_code).toBe("CANCELLED")
-          yield* eventually(Effect.sync(() => (browser.stats().openContexts === 0 ? true : undefined)))
-        }
-        const next = yield* jobs.submit({
-          job_type: "recipe",
-          payload: { steps: [{ action: "goto", url: `${base}/apply` }, { action: "extract", as: "title", selector: "button" }] }
-        })
-        yield* statusIs(next.id, "completed")
-        expect((yield* jobs.get(next.id)).result).toMatchObject({ extracted: { title: "Next" } })
-        expect(browser.stats()).toMatchObject({ openContexts: 0, launches: 1 })
-      })
-    )
-
-    it.scoped("a browser killed under a job fails it with BROWSER_CRASHED; the next job gets a new browser", () =>
-      Effect.gen(function* () {
-        const { base } = yield* site
-        const browser = yield* Browser.make({ executablePath: chromiumPath })
-        const { jobs } = yield* startGateway("gw-b3")
-        yield* startWorker("b3", { handlers: Recipe.handlers(browser) })
-        const job = yield* jobs.submit({
-          job_type: "recipe",
-          payload: { steps: [{ action: "goto", url: `${base}/hang`, timeout_ms: 600_000 }] }
-        })
-        const pid = yield* eventually(Effect.sync(() => (browser.stats().openContexts === 1 ? browser.pid() : undefined)))
-        process.kill(pid, "SIGKILL")
-        yield* statusIs(job.id, "failed")
-        expect((yield* errorOf(job.id)).error_code).toBe("BROWSER_CRASHED")
-        const next = yield* jobs.submit({
-          job_type: "recipe",
-          payload: { steps: [{ action: "goto", url: `${base}/apply` }, { action: "assert_text", selector: "title", text: "" }] }
-        })
-        yield* statusIs(next.id, "completed")
-        expect(browser.stats().launches).toBe(2)
-        // The killed browser's process is gone.
-        expect(Fs.existsSync(`/proc/${pid}`) && !Fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z")).toBe(false)
-      })
-    )
-
-    it.scoped("without Chromium a recipe fails with BROWSER_UNAVAILABLE naming TROUPE_CHROMIUM; other jobs keep working; a bad recipe is refused at submit with the step's path", () =>
-      Effect.gen(function* () {
-        const browser = yield* Browser.make({ executablePath: "/nonexistent/chromium" })
-        const { jobs } = yield* startGateway("gw-b4")
-        yield* startWorker("b4", { handlers: { ...Recipe.handlers(browser), noop: Effect.succeed({ ok: true }) } })
-        const job = yield* jobs.submit({
-          job_type: "recipe",
-          payload: { steps: [{ action: "goto", url: "http://127.0.0.1:9/" }] }
-        })
-        yield* statusIs(job.id, "failed")
-        const error = yield* errorOf(job.id)
-        expect(error.error_code).toBe("BROWSER_UNAVAILABLE")
-        expect(error.error_message).toContain("TROUPE_CHROMIUM")
-        // A bad recipe is refused at submit, naming the offending step; nothing is stored.
-        const recipes = Effect.flatMap(SqlClient.SqlClient, (sql) =>
-          Effect.map(
-            sql<{ n: number }>`SELECT count(*)::int AS n FROM gh_automation_jobs WHERE job_type = 'recipe'`,
-            (rows) => rows[0]!.n
+          const before = yield* recipes
+          const bad = yield* Effect.flip(
+            jobs.submit({
+              job_type: "recipe",
+              payload: { steps: [{ action: "goto", url: "http://127.0.0.1:9/" }, { action: "click" }] }
+            })
           )
-        )
-        const before = yield* recipes
-        const bad = yield* Effect.flip(
-          jobs.submit({
-            job_type: "recipe",
-            payload: { steps: [{ action: "goto", url: "http://127.0.0.1:9/" }, { action: "click" }] }
-          })
-        )
-        expect(bad._tag).toBe("InvalidRequest")
-        expect(bad.message).toContain("steps[1]")
-        expect(yield* recipes).toBe(before)
-        const other = yield* jobs.submit({ job_type: "noop", payload: {} })
-        yield* statusIs(other.id, "completed")
-      })
+          expect(bad._tag).toBe("InvalidRequest")
+          expect(bad.message).toContain("steps[1]")
+          expect(yield* recipes).toBe(before)
+          const other = yield* jobs.submit({ job_type: "noop", payload: {} })
+          yield* statusIs(other.id, "completed")
+        })
     )
   })
 })
