@@ -13,7 +13,7 @@
 import { Config, Context, Effect, Layer, type Scope } from "effect"
 import * as Fs from "node:fs"
 import { type Browser as PwBrowser, type BrowserContext, chromium, type Page } from "playwright-core"
-import { JobError } from "../runtime/jobs/JobHandler.ts"
+import { JobContext, JobError } from "../runtime/jobs/JobHandler.ts"
 
 /** Error codes of browser jobs. */
 export const BrowserErrorCode = {
@@ -27,6 +27,8 @@ export interface Session {
   readonly page: Page
   /** An id for `browser_session_id`: the browser's launch and the context's number in it. */
   readonly id: string
+  /** The job it belongs to, when it was opened for one. */
+  readonly jobId: string | undefined
 }
 
 /** The browser session of the running job (provided by `withSession`). */
@@ -54,12 +56,16 @@ export interface Stats {
   readonly version: string | null
   readonly openContexts: number
   readonly launches: number
+  /** Resident memory of Chromium's processes (the browser and its children), in bytes; 0 when it is not running. */
+  readonly rssBytes: number
 }
 
 /** The browser of a worker node. */
 export interface Browser {
-  /** A fresh context and page for the current job, closed when the scope closes. */
-  readonly session: Effect.Effect<Session, JobError, Scope.Scope>
+  /** A fresh context and page (for the job `jobId`, when given), closed when the scope closes. */
+  readonly session: (jobId?: string) => Effect.Effect<Session, JobError, Scope.Scope>
+  /** The open session of a job running here, if it has one (the live view finds its page so). */
+  readonly sessionOf: (jobId: string) => Session | undefined
   readonly stats: () => Stats
   /** The running browser's main process (Linux: a child of this process running the binary), to check recovery. */
   readonly pid: () => number | undefined
@@ -109,7 +115,9 @@ export const make = (options: Options = {}): Effect.Effect<Browser, never, Scope
       })
     )
 
-    const session = Effect.gen(function* () {
+    const byJob = new Map<string, Session>()
+
+    const session = (jobId?: string) => Effect.gen(function* () {
       const browser = yield* ensure
       const context = yield* Effect.acquireRelease(
         Effect.tryPromise({ try: () => browser.newContext(), catch: (e) => crashed(e) }),
@@ -122,7 +130,16 @@ export const make = (options: Options = {}): Effect.Effect<Browser, never, Scope
       const prepare = options.onContext
       if (prepare !== undefined) yield* Effect.tryPromise({ try: () => prepare(context), catch: (e) => crashed(e) })
       const page = yield* Effect.tryPromise({ try: () => context.newPage(), catch: (e) => crashed(e) })
-      return { context, page, id: `chromium-${launches}-${++opened}` }
+      const session: Session = { context, page, id: `chromium-${launches}-${++opened}`, jobId }
+      if (jobId !== undefined) {
+        byJob.set(jobId, session)
+        yield* Effect.addFinalizer(() =>
+          Effect.sync(() => {
+            if (byJob.get(jobId) === session) byJob.delete(jobId)
+          })
+        )
+      }
+      return session
     })
 
     yield* Effect.addFinalizer(() =>
@@ -134,7 +151,11 @@ export const make = (options: Options = {}): Effect.Effect<Browser, never, Scope
 
     return {
       session,
-      stats: () => ({ version, openContexts: contexts, launches }),
+      sessionOf: (jobId) => byJob.get(jobId),
+      stats: () => {
+        const pid = current?.isConnected() ? childPid(executablePath) : undefined
+        return { version, openContexts: contexts, launches, rssBytes: pid === undefined ? 0 : treeRss(pid) }
+      },
       pid: () => (current?.isConnected() ? childPid(executablePath) : undefined)
     } satisfies Browser
   })
@@ -145,12 +166,21 @@ export const layerConfig: Layer.Layer<BrowserTag, never> = Layer.scoped(
   Effect.flatMap(Effect.orDie(OptionsConfig), make)
 )
 
-/** Run `effect` with a fresh browser session of its own, closed when it ends however it ends. */
+/**
+ * Run `effect` with a fresh browser session of its own, closed when it ends however it ends.
+ * Inside a job (`JobContext`) the session is the job's: the live view finds its page.
+ */
 export const withSession = <A, E, R>(
   browser: Browser,
   effect: Effect.Effect<A, E, R | BrowserSession>
 ): Effect.Effect<A, E | JobError, Exclude<Exclude<R, BrowserSession>, Scope.Scope>> =>
-  Effect.scoped(Effect.flatMap(browser.session, (s) => Effect.provideService(effect, BrowserSession, s)))
+  Effect.scoped(
+    Effect.flatMap(Effect.serviceOption(JobContext), (ctx) =>
+      Effect.flatMap(browser.session(ctx._tag === "Some" ? ctx.value.jobId : undefined), (s) =>
+        Effect.provideService(effect, BrowserSession, s)
+      )
+    )
+  )
 
 /** What a failed Playwright call means for the job: the browser died, or the step failed. */
 export const crashed = (e: unknown): JobError =>
@@ -186,4 +216,34 @@ const childPid = (binary: string): number | undefined => {
   return undefined
 }
 
+/** The resident memory of `root` and its descendants, in bytes (from /proc). */
+const treeRss = (root: number): number => {
+  const parent = new Map<number, number>()
+  for (const entry of Fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const stat = Fs.readFileSync(`/proc/${entry}/stat`, "utf8")
+      parent.set(Number(entry), Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]))
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const inTree = (pid: number): boolean => {
+    for (let p: number | undefined = pid, hops = 0; p !== undefined && p > 1 && hops < 64; p = parent.get(p), hops++) {
+      if (p === root) return true
+    }
+    return false
+  }
+  let pages = 0
+  for (const pid of parent.keys()) {
+    if (!inTree(pid)) continue
+    try {
+      pages += Number(Fs.readFileSync(`/proc/${pid}/statm`, "utf8").split(" ")[1])
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pages * pageSize
+}
 
+const pageSize = 4096
