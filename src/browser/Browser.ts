@@ -182,9 +182,9 @@ export const withSession = <A, E, R>(
     )
   )
 
-/** What a failed Playwright call means for the job: the browser died, or the step failed. */
+/** The browser died under the job: `BROWSER_CRASHED`, retried while the job has attempts left. */
 export const crashed = (e: unknown): JobError =>
-  new JobError({ code: BrowserErrorCode.crashed, message: `the browser crashed: ${firstLine(e)}` })
+  new JobError({ code: BrowserErrorCode.crashed, message: `the browser crashed: ${firstLine(e)}`, retryable: true })
 
 /** The first line of an error's message (Playwright's carry a call log below it). */
 export const firstLine = (e: unknown): string =>

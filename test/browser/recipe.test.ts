@@ -19,6 +19,9 @@ const chromiumPath = process.env.TROUPE_CHROMIUM ?? "/usr/bin/chromium"
 const page = (title: string, body: string) =>
   `<!doctype html><html><head><title>${title}</title></head><body>${body}</body></html>`
 
+let hungOnce = 0
+let hangs = 0
+
 /** The fixture site: a two-page form, its summary, and a page that never finishes loading. */
 const site = Site.serve((req, res) => {
   const url = new URL(req.url ?? "/", "http://x")
@@ -51,7 +54,12 @@ const site = Site.serve((req, res) => {
         )
       )
     case "/hang":
+      hangs++
       return // never answered
+    case "/hang-once":
+      // The first visit never loads; later ones do (a job whose first attempt dies with its browser).
+      if (hungOnce++ === 0) return
+      return html(page("Loaded", `<p id="loaded">loaded</p>`))
     default:
       res.writeHead(404).end()
   }
@@ -160,23 +168,60 @@ describe("recipes in Chromium", () => {
     )
 
     it.scoped(
-      "a browser killed under a job fails it with BROWSER_CRASHED; the next job gets a new browser",
+      "a browser killed under a job: BROWSER_CRASHED, the job retried on a new browser while it has attempts, failed when it has none; the next job is fine",
       () =>
         Effect.gen(function* () {
           const { base } = yield* site
           const browser = yield* Browser.make({ executablePath: chromiumPath })
           const { jobs } = yield* startGateway("gw-b3")
           yield* startWorker("b3", { handlers: Recipe.handlers(browser) })
-          const job = yield* jobs.submit({
+          // Kill the browser once its page waits on the fixture site (the request has arrived).
+          const killUnder = (launches: number, arrived: () => boolean) =>
+            Effect.gen(function* () {
+              const pid = yield* eventually(
+                Effect.sync(() =>
+                  arrived() && browser.stats().openContexts === 1 && browser.stats().launches === launches
+                    ? browser.pid()
+                    : undefined
+                )
+              )
+              process.kill(pid, "SIGKILL")
+              return pid
+            })
+          // Attempts left: requeued with the crash named, run again on a new browser, completed.
+          const retried = yield* jobs.submit({
             job_type: "recipe",
+            max_attempts: 2,
+            payload: {
+              steps: [
+                { action: "goto", url: `${base}/hang-once`, timeout_ms: 600_000 },
+                { action: "extract", as: "loaded", selector: "#loaded" }
+              ]
+            }
+          })
+          const pid = yield* killUnder(1, () => hungOnce > 0)
+          yield* statusIs(retried.id, "completed")
+          expect((yield* errorOf(retried.id)).result).toMatchObject({ extracted: { loaded: "loaded" } })
+          const requeued = (yield* eventsOf(retried.id)).filter((e) => e.event_type === "job_requeued")
+          expect(requeued).toHaveLength(1)
+          expect(requeued[0]!.metadata).toMatchObject({ reason: "error", error_code: "BROWSER_CRASHED", attempt: 1 })
+          expect(browser.stats().launches).toBe(2)
+          // The killed browser's process is gone.
+          expect(
+            Fs.existsSync(`/proc/${pid}`) && !Fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z")
+          ).toBe(false)
+          // No attempts left: failed with BROWSER_CRASHED.
+          const last = yield* jobs.submit({
+            job_type: "recipe",
+            max_attempts: 1,
             payload: { steps: [{ action: "goto", url: `${base}/hang`, timeout_ms: 600_000 }] }
           })
-          const pid = yield* eventually(
-            Effect.sync(() => (browser.stats().openContexts === 1 ? browser.pid() : undefined))
-          )
-          process.kill(pid, "SIGKILL")
-          yield* statusIs(job.id, "failed")
-          expect((yield* errorOf(job.id)).error_code).toBe("BROWSER_CRASHED")
+          const hangsBefore = hangs
+          yield* killUnder(2, () => hangs > hangsBefore)
+          yield* statusIs(last.id, "failed")
+          const error = yield* errorOf(last.id)
+          expect(error.error_code).toBe("BROWSER_CRASHED")
+          expect(error.error_message).toContain("attempt 1 of 1")
           const next = yield* jobs.submit({
             job_type: "recipe",
             payload: {
@@ -187,11 +232,8 @@ describe("recipes in Chromium", () => {
             }
           })
           yield* statusIs(next.id, "completed")
-          expect(browser.stats().launches).toBe(2)
-          // The killed browser's process is gone.
-          expect(
-            Fs.existsSync(`/proc/${pid}`) && !Fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z")
-          ).toBe(false)
+          expect(browser.stats().launches).toBe(3)
+          expect(browser.stats().openContexts).toBe(0)
         })
     )
 

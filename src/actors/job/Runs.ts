@@ -387,14 +387,18 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
           counters.abandoned++
           return stateOf(run.id, "abandoned")
         }
-        if (run.stop?._tag === "Timeout" && Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause)) {
+        // A timeout, or a failure worth retrying: back to the queue while attempts are left.
+        const timedOut = run.stop?._tag === "Timeout" && Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause)
+        const retryable = run.stop === undefined ? retryableError(exit) : undefined
+        if (timedOut || retryable !== undefined) {
+          if (retryable !== undefined) yield* Deferred.await(run.ready)
           const reaped = yield* storage
             .reap({
               staleSeconds: 0,
               graceSeconds: 0,
               backoffBaseMs: 250,
               backoffMaxMs: 30_000,
-              only: { jobId: run.id, epoch: run.epoch }
+              only: { jobId: run.id, epoch: run.epoch, ...(retryable === undefined ? {} : { error: retryable }) }
             })
             .pipe(
               Effect.retry(retryWrites),
@@ -591,6 +595,16 @@ export const make = (options: Options): Effect.Effect<Service, never, Scope.Scop
       stateOf
     } satisfies Service
   }).pipe(Effect.annotateLogs({ module: "Runs", worker: options.registration.workerId }))
+
+/** The handler's failure, when it is a `retryable` JobError. */
+const retryableError = (
+  exit: Exit.Exit<unknown, JobHandler.JobError | JobHandler.HitlTimeout>
+): { readonly code: string; readonly message: string } | undefined => {
+  if (Exit.isSuccess(exit)) return undefined
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isNone(failure) || failure.value._tag !== "JobError" || failure.value.retryable !== true) return undefined
+  return { code: failure.value.code, message: failure.value.message }
+}
 
 /** Writes about a job retry while the database is unreachable: 20 ms doubling, at most 2 s apart. */
 export const retryWritesSchedule = (retryFor: Duration.DurationInput) =>

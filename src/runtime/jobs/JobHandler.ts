@@ -19,10 +19,15 @@
 import { Context, Data, Effect, Schema, ParseResult } from "effect"
 import type { Interaction, Resolution } from "../../protocol/Jobs.ts"
 
-/** A handler's own failure: the job fails with this code and message. */
+/**
+ * A handler's own failure: the job fails with this code and message. A `retryable` one (the
+ * browser crashed under it, say) sends the job back to the queue while it has attempts left
+ * (`max_attempts`), after a backoff; out of attempts, it fails with this code.
+ */
 export class JobError extends Data.TaggedError("JobError")<{
   readonly code: string
   readonly message: string
+  readonly retryable?: boolean
 }> {}
 
 /** Nobody answered a `needs_human` in time: the job fails with `HITL_TIMEOUT`. */

@@ -603,22 +603,30 @@ export const make = (options: { readonly prepared?: PreparedPool | undefined } =
     /**
      * Requeue, or fail, live jobs: those of dead nodes (lock gone or heartbeat older than
      * `staleSeconds`) and those past their deadline by `graceSeconds` — or, with `only`, that
-     * one attempt (its owner gave up on it: a local timeout). `strict` jobs of a dead worker fail
-     * with WORKER_UNAVAILABLE; jobs out of attempts fail with MAX_ATTEMPTS (TIMEOUT when it
-     * was a timeout); the rest go back to the queue after a backoff. Returns what was done.
+     * one attempt (its owner gave up on it: a local timeout, or a failure worth retrying, given
+     * as `only.error`). `strict` jobs of a dead worker fail with WORKER_UNAVAILABLE; jobs out of
+     * attempts fail with MAX_ATTEMPTS (TIMEOUT when it was a timeout, the error's own code when
+     * it was an error); the rest go back to the queue after a backoff. Returns what was done.
      */
     const reap = (options: {
       readonly staleSeconds: number
       readonly graceSeconds: number
       readonly backoffBaseMs: number
       readonly backoffMaxMs: number
-      readonly only?: { readonly jobId: string; readonly epoch: number }
+      readonly only?: {
+        readonly jobId: string
+        readonly epoch: number
+        /** The attempt failed with this (retryable) error, rather than timing out. */
+        readonly error?: { readonly code: string; readonly message: string }
+      }
       /** All live jobs of this node, held by an earlier process with the node's id. */
       readonly deadNode?: string
     }) => {
       const onlyId = options.only?.jobId ?? null
       const onlyEpoch = options.only?.epoch ?? null
       const deadNode = options.deadNode ?? null
+      const errorCode = options.only?.error?.code ?? null
+      const errorMessage = options.only?.error?.message ?? null
       return sql<{
         id: string
         status: string
@@ -634,7 +642,7 @@ export const make = (options: { readonly prepared?: PreparedPool | undefined } =
           CASE WHEN ${onlyId}::uuid IS NULL
                     AND (${deadNode}::text IS NOT NULL OR n.id IS NULL OR n.status <> 'running' OR NOT (${sql.literal(aliveSql)})
                          OR n.last_heartbeat < now() - make_interval(secs => ${options.staleSeconds}::float8))
-               THEN 'dead' ELSE 'timeout' END AS reason
+               THEN 'dead' WHEN ${errorCode}::text IS NOT NULL THEN 'error' ELSE 'timeout' END AS reason
         FROM gh_automation_jobs j LEFT JOIN nodes n ON n.id = j.node_id
         WHERE j.status IN ('running', 'needs_human')
           AND CASE WHEN ${onlyId}::uuid IS NOT NULL THEN j.id = ${onlyId}::uuid AND j.attempts = ${onlyEpoch}::int
@@ -649,7 +657,8 @@ export const make = (options: { readonly prepared?: PreparedPool | undefined } =
       decided AS (
         SELECT c.*, CASE
             WHEN c.reason = 'dead' AND j.worker_affinity = 'strict' THEN 'WORKER_UNAVAILABLE'
-            WHEN j.attempts >= j.max_attempts THEN CASE WHEN c.reason = 'timeout' THEN 'TIMEOUT' ELSE 'MAX_ATTEMPTS' END
+            WHEN j.attempts >= j.max_attempts THEN CASE WHEN c.reason = 'timeout' THEN 'TIMEOUT'
+              WHEN c.reason = 'error' THEN ${errorCode}::text ELSE 'MAX_ATTEMPTS' END
           END AS code,
           LEAST(${options.backoffMaxMs}::float8, ${options.backoffBaseMs}::float8 * power(2, GREATEST(j.attempts - 1, 0)))::int AS backoff_ms
         FROM cand c JOIN gh_automation_jobs j ON j.id = c.id
@@ -660,6 +669,7 @@ export const make = (options: { readonly prepared?: PreparedPool | undefined } =
           status = CASE WHEN d.code IS NULL THEN 'queued' ELSE 'failed' END,
           error_code = d.code,
           error_message = CASE
+            WHEN d.code IS NOT NULL AND d.reason = 'error' THEN ${errorMessage}::text || ' (attempt ' || j.attempts || ' of ' || j.max_attempts || ')'
             WHEN d.code = 'WORKER_UNAVAILABLE' THEN 'worker ' || coalesce(d.prev_worker, '?') || ' died holding this strict job'
             WHEN d.code = 'TIMEOUT' THEN 'timed out after ' || j.timeout_seconds || ' s, attempt ' || j.attempts || ' of ' || j.max_attempts
             WHEN d.code = 'MAX_ATTEMPTS' THEN 'worker ' || coalesce(d.prev_worker, '?') || ' died; no attempts left (' || j.max_attempts || ')'
@@ -687,9 +697,10 @@ export const make = (options: { readonly prepared?: PreparedPool | undefined } =
           CASE WHEN u.status = 'failed' THEN 'job_failed' ELSE 'job_requeued' END,
           CASE WHEN u.status = 'failed' THEN (u.job).error_message
                WHEN u.reason = 'dead' THEN 'Worker ' || coalesce(u.prev_worker, '?') || ' died; requeued (attempt ' || u.attempts || ')'
+               WHEN u.reason = 'error' THEN ${errorCode}::text || ' on ' || coalesce(u.prev_worker, '?') || ': ' || ${errorMessage}::text || '; requeued (attempt ' || u.attempts || ')'
                ELSE 'Timed out on ' || coalesce(u.prev_worker, '?') || '; requeued (attempt ' || u.attempts || ')' END,
           NULL,
-          jsonb_build_object('worker_id', u.prev_worker, 'reason', u.reason, 'attempt', u.attempts,
+          jsonb_build_object('worker_id', u.prev_worker, 'reason', u.reason, 'attempt', u.attempts, 'error_code', ${errorCode}::text,
                              'retry_in_ms', CASE WHEN u.status = 'queued' THEN u.backoff_ms END),
           u.status = 'failed') AS event_id
         FROM upd u
