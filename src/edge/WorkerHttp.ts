@@ -24,6 +24,7 @@ import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
 import { sameSecret } from "./Auth.ts"
 import type { Worker } from "../actors/WorkerActor.ts"
 import type { ArtifactStore } from "../browser/ArtifactStore.ts"
+import type { Browser } from "../browser/Browser.ts"
 
 /** Options of a worker node's HTTP server. */
 export interface Options {
@@ -41,6 +42,8 @@ export interface Options {
   readonly healthTimeout?: Duration.DurationInput
   /** Where the screenshots of held jobs are kept; served at `/artifacts/<token>`. */
   readonly artifacts?: ArtifactStore
+  /** The node's browser: its figures in `/worker/status` and `/metrics`, and the live view of its pages. */
+  readonly browser?: Browser
 }
 
 /** `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, and the deployment (`DeploymentConfig`). */
