@@ -97,6 +97,7 @@ export const make = (
         : yield* WorkerHttp.make(worker, {
             ...httpOptions,
             artifacts,
+            browser,
             ...(options.httpPort === undefined ? {} : { port: options.httpPort })
           })
     // Screenshot URLs name the address a client reaches this machine at.
