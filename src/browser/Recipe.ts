@@ -47,7 +47,28 @@ export const Step = Schema.Union(
     all: Schema.optional(Schema.Boolean),
     ...common
   }),
-  Schema.Struct({ action: Schema.Literal("assert_text"), selector: Selector, text: Schema.String, ...common })
+  Schema.Struct({ action: Schema.Literal("assert_text"), selector: Selector, text: Schema.String, ...common }),
+  Schema.Struct({
+    action: Schema.Literal("upload"),
+    /** The file input. */
+    selector: Selector,
+    /** The file, given in the payload (the worker's disk is not the client's). */
+    file: Schema.Struct({
+      name: Schema.String.pipe(Schema.minLength(1), Schema.maxLength(255)),
+      mime_type: Schema.optional(Schema.String.pipe(Schema.maxLength(200))),
+      /** Its bytes, base64 (at most 10 MB of file). */
+      content_base64: Schema.String.pipe(Schema.maxLength(14_000_000), Schema.pattern(/^[A-Za-z0-9+/]*={0,2}$/))
+    }),
+    ...common
+  }),
+  Schema.Struct({
+    action: Schema.Literal("screenshot"),
+    /** The key of the result its URL goes under (default `screenshot_<step number>`). */
+    as: Schema.optional(Schema.String.pipe(Schema.minLength(1), Schema.maxLength(100))),
+    /** The whole page (default) or the viewport. */
+    full_page: Schema.optional(Schema.Boolean),
+    ...common
+  })
 )
 export type Step = typeof Step.Type
 
@@ -104,22 +125,40 @@ export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
         timeoutSeconds: recipe.captcha?.timeout_seconds ?? 300,
         recheckAfterMs: recipe.captcha?.recheck_after_ms ?? 2500
       })
+    /** A screenshot of the page, stored (between `observation_started` and `_completed`); its URL. */
+    const screenshot = (why: string, fullPage: boolean) =>
+      JobHandler.observation(
+        why,
+        Effect.tryPromise({ try: () => page.screenshot({ fullPage, type: "png" }), catch: (e) => crashed(e) }).pipe(
+          Effect.flatMap((png) =>
+            artifacts === undefined
+              ? Effect.fail(new JobHandler.JobError({ code: "NO_ARTIFACT_STORE", message: "this worker keeps no screenshots" }))
+              : Effect.mapError(
+                  artifacts.putPng(png),
+                  (e) => new JobHandler.JobError({ code: "ARTIFACT_NOT_STORED", message: e.message })
+                )
+          ),
+          Effect.map((a) => a.url)
+        )
+      )
     for (const [i, step] of recipe.steps.entries()) {
       const label = `${i + 1}/${total} ${step.name ?? describeStep(step)}`
-      const attempt = JobHandler.cookbookStep(
-        label,
-        Effect.tryPromise({
-          try: () => perform(page, step, extracted),
-          catch: (e) =>
-            isGone(e)
-              ? crashed(e)
-              : new JobHandler.JobError({
-                  code: "RECIPE_STEP_FAILED",
-                  message: `step ${i + 1} (${step.name ?? step.action}) failed on ${safeUrl(page)}: ${firstLine(e)}`
-                })
-        }),
-        { index: i + 1, total }
-      )
+      const action =
+        step.action === "screenshot"
+          ? Effect.map(screenshot(`Screenshot of ${safeUrl(page)}`, step.full_page ?? true), (url) => {
+              extracted[step.as ?? `screenshot_${i + 1}`] = url
+            })
+          : Effect.tryPromise({
+              try: () => perform(page, step, extracted),
+              catch: (e) =>
+                isGone(e)
+                  ? crashed(e)
+                  : new JobHandler.JobError({
+                      code: "RECIPE_STEP_FAILED",
+                      message: `step ${i + 1} (${step.name ?? step.action}) failed on ${safeUrl(page)}: ${firstLine(e)}`
+                    })
+            })
+      const attempt = JobHandler.cookbookStep(label, action, { index: i + 1, total })
       // A step that fails because a captcha stands in the way is tried again once a human has solved it.
       while (true) {
         const exit = yield* Effect.exit(attempt)
@@ -127,7 +166,14 @@ export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
         const failure = Cause.failureOption(exit.cause)
         if (Option.isNone(failure) || failure.value.code !== "RECIPE_STEP_FAILED") return yield* exit
         const found = yield* lookForCaptcha
-        if (found === undefined) return yield* exit
+        if (found === undefined) {
+          // The job's error names the page and, when one could be taken, a screenshot of it.
+          const shot = yield* Effect.option(screenshot(`Screenshot after step ${i + 1} failed`, true))
+          if (Option.isNone(shot)) return yield* exit
+          return yield* Effect.fail(
+            new JobHandler.JobError({ code: failure.value.code, message: `${failure.value.message} (screenshot: ${shot.value})` })
+          )
+        }
         yield* handOff(found)
       }
       if (navigates(step)) {
@@ -245,6 +291,19 @@ const perform = async (
       } else extracted[step.as] = await read(locator.first())
       return
     }
+    case "upload":
+      await page.setInputFiles(
+        step.selector,
+        {
+          name: step.file.name,
+          mimeType: step.file.mime_type ?? "application/octet-stream",
+          buffer: Buffer.from(step.file.content_base64, "base64")
+        },
+        { timeout }
+      )
+      return
+    case "screenshot":
+      return // taken by `run`, which has the artifact store
     case "assert_text": {
       const text = await page.locator(step.selector).first().innerText({ timeout })
       if (!text.includes(step.text)) throw new Error(`expected "${step.text}" in ${step.selector}, found "${text.slice(0, 200)}"`)
@@ -261,6 +320,10 @@ const describeStep = (step: Step): string => {
       return `wait for ${step.selector ?? step.url ?? step.text ?? "nothing"}`
     case "extract":
       return `extract ${step.as}`
+    case "upload":
+      return `upload ${step.file.name} to ${step.selector}`
+    case "screenshot":
+      return "screenshot"
     default:
       return `${step.action} ${step.selector}`
   }

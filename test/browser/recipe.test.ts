@@ -8,6 +8,10 @@ import { describe, expect, layer } from "@effect/vitest"
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
 import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import * as ArtifactStore from "../../src/browser/ArtifactStore.ts"
+import * as WorkerHttp from "../../src/edge/WorkerHttp.ts"
 import * as Browser from "../../src/browser/Browser.ts"
 import * as Recipe from "../../src/browser/Recipe.ts"
 import * as Db from "../fixtures/Db.ts"
@@ -51,6 +55,17 @@ const site = Site.serve((req, res) => {
           "Done",
           `<p id="summary">Applied: ${url.searchParams.get("name")} as ${url.searchParams.get("role")}, agreed ${url.searchParams.get("agree") ?? "no"}</p>
                <a class="next" href="/jobs/1">one</a><a class="next" href="/jobs/2">two</a>`
+        )
+      )
+    case "/upload":
+      return html(
+        page(
+          "Upload",
+          `<input id="cv" type="file"><p id="picked"></p>
+           <script>document.getElementById("cv").addEventListener("change", async (e) => {
+             const f = e.target.files[0]
+             document.getElementById("picked").textContent = f.name + " " + f.type + " " + (await f.text())
+           })</script>`
         )
       )
     case "/hang":
@@ -234,6 +249,75 @@ describe("recipes in Chromium", () => {
           yield* statusIs(next.id, "completed")
           expect(browser.stats().launches).toBe(3)
           expect(browser.stats().openContexts).toBe(0)
+        })
+    )
+
+    it.scoped(
+      "upload puts the payload's file into a file input; screenshot steps store PNGs (observation events); a failed step's error names its page and a screenshot of it",
+      () =>
+        Effect.gen(function* () {
+          const { base } = yield* site
+          const dir = yield* Effect.acquireRelease(
+            Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "troupe-artifacts-"))),
+            (d) => Effect.sync(() => Fs.rmSync(d, { recursive: true, force: true }))
+          )
+          const artifacts = ArtifactStore.filesystem(dir)
+          const browser = yield* Browser.make({ executablePath: chromiumPath })
+          const { jobs } = yield* startGateway("gw-b5")
+          const w = yield* startWorker("b5", { handlers: Recipe.handlers(browser, artifacts) })
+          const http = yield* WorkerHttp.make(w.worker, { port: 0, host: "127.0.0.1", artifacts })
+          artifacts.servedAt(`http://127.0.0.1:${http.port}`)
+          const png = (url: string) =>
+            Effect.promise(async () => {
+              const res = await fetch(url)
+              return { type: res.headers.get("content-type"), bytes: new Uint8Array(await res.arrayBuffer()) }
+            })
+          const isPng = (b: Uint8Array) => Buffer.from(b.subarray(0, 8)).equals(Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]))
+
+          const job = yield* jobs.submit({
+            job_type: "recipe",
+            payload: {
+              steps: [
+                { action: "goto", url: `${base}/upload` },
+                {
+                  action: "upload",
+                  selector: "#cv",
+                  file: { name: "cv.txt", mime_type: "text/plain", content_base64: Buffer.from("Ada Lovelace").toString("base64") }
+                },
+                { action: "wait_for", text: "cv.txt" },
+                { action: "extract", as: "picked", selector: "#picked" },
+                { action: "screenshot", as: "page" }
+              ]
+            }
+          })
+          yield* statusIs(job.id, "completed")
+          const { extracted } = (yield* errorOf(job.id)).result as { extracted: Record<string, string> }
+          expect(extracted.picked).toBe("cv.txt text/plain Ada Lovelace")
+          const shot = yield* png(extracted.page!)
+          expect(shot.type).toBe("image/png")
+          expect(isPng(shot.bytes)).toBe(true)
+          const kinds = (yield* eventsOf(job.id)).map((e) => e.event_type)
+          expect(kinds).toContain("observation_started")
+          expect(kinds).toContain("observation_completed")
+
+          const failing = yield* jobs.submit({
+            job_type: "recipe",
+            payload: {
+              steps: [
+                { action: "goto", url: `${base}/upload` },
+                { action: "click", selector: "#missing", timeout_ms: 200, name: "the missing button" }
+              ]
+            }
+          })
+          yield* statusIs(failing.id, "failed")
+          const error = yield* errorOf(failing.id)
+          expect(error.error_code).toBe("RECIPE_STEP_FAILED")
+          expect(error.error_message).toContain("step 2 (the missing button) failed on")
+          expect(error.error_message).toContain(`${base}/upload`)
+          const url = /\(screenshot: (\S+)\)$/.exec(error.error_message ?? "")?.[1]
+          expect(url).toBeDefined()
+          expect(isPng((yield* png(url!)).bytes)).toBe(true)
+          expect((yield* eventsOf(failing.id)).map((e) => e.event_type)).toContain("cookbook_step_failed")
         })
     )
 
