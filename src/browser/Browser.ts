@@ -10,7 +10,7 @@
  * variable to set; everything else keeps working. The browser dying under a job fails it
  * with `BROWSER_CRASHED`.
  */
-import { Config, Context, Effect, Layer, type Scope } from "effect"
+import { Config, Context, Effect, Layer, Option, Queue, type Scope } from "effect"
 import * as Fs from "node:fs"
 import { type Browser as PwBrowser, type BrowserContext, chromium, type Page } from "playwright-core"
 import { JobContext, JobError } from "../runtime/jobs/JobHandler.ts"
@@ -18,7 +18,9 @@ import { JobContext, JobError } from "../runtime/jobs/JobHandler.ts"
 /** Error codes of browser jobs. */
 export const BrowserErrorCode = {
   unavailable: "BROWSER_UNAVAILABLE",
-  crashed: "BROWSER_CRASHED"
+  crashed: "BROWSER_CRASHED",
+  /** A Playwright call of a handler (`usePage`) failed. */
+  actionFailed: "BROWSER_ACTION_FAILED"
 } as const
 
 /** A job's browser: its own context and page (a service next to `JobContext`). */
@@ -168,18 +170,62 @@ export const layerConfig: Layer.Layer<BrowserTag, never> = Layer.scoped(
 
 /**
  * Run `effect` with a fresh browser session of its own, closed when it ends however it ends.
- * Inside a job (`JobContext`) the session is the job's: the live view finds its page.
+ * Inside a job (`JobContext`) the session is the job's: the live view finds its page, and
+ * (unless `followNavigation: false`) every navigation of its main frame is recorded as the
+ * worker's `current_task_url`, latest first.
  */
 export const withSession = <A, E, R>(
   browser: Browser,
-  effect: Effect.Effect<A, E, R | BrowserSession>
+  effect: Effect.Effect<A, E, R | BrowserSession>,
+  options: { readonly followNavigation?: boolean } = {}
 ): Effect.Effect<A, E | JobError, Exclude<Exclude<R, BrowserSession>, Scope.Scope>> =>
   Effect.scoped(
-    Effect.flatMap(Effect.serviceOption(JobContext), (ctx) =>
-      Effect.flatMap(browser.session(ctx._tag === "Some" ? ctx.value.jobId : undefined), (s) =>
-        Effect.provideService(effect, BrowserSession, s)
-      )
-    )
+    Effect.gen(function* () {
+      const ctx = yield* Effect.serviceOption(JobContext)
+      const session = yield* browser.session(Option.isSome(ctx) ? ctx.value.jobId : undefined)
+      if (Option.isSome(ctx) && options.followNavigation !== false) {
+        // The latest URL only: a burst of redirects is one write.
+        const urls = yield* Queue.sliding<string>(1)
+        const { page } = session
+        page.on("framenavigated", (frame) => {
+          if (frame === page.mainFrame()) Queue.unsafeOffer(urls, frame.url())
+        })
+        yield* Effect.forkScoped(
+          Effect.forever(Effect.flatMap(Queue.take(urls), (url) => ctx.value.browserAt(session.id, url)))
+        )
+      }
+      return yield* Effect.provideService(effect, BrowserSession, session)
+    })
+  )
+
+/**
+ * A handler that runs on a page of its own: the job's `BrowserSession` (context and page),
+ * from the worker's browser (`BrowserTag`, which `troupe/worker` provides to your handlers).
+ *
+ * ```ts
+ * apply: Browser.withPage(Effect.gen(function* () {
+ *   const { page } = yield* Browser.BrowserSession
+ *   yield* Effect.promise(() => page.goto(url))
+ * }))
+ * ```
+ */
+export const withPage = <A, E, R>(
+  effect: Effect.Effect<A, E, R | BrowserSession>
+): Effect.Effect<A, E | JobError, Exclude<Exclude<R, BrowserSession>, Scope.Scope> | BrowserTag> =>
+  Effect.flatMap(BrowserTag, (browser) => withSession(browser, effect))
+
+/**
+ * Call Playwright on the job's page: a browser that died under the call fails it with
+ * `BROWSER_CRASHED` (retried while the job has attempts left), any other rejection with
+ * `BROWSER_ACTION_FAILED` and the first line of Playwright's message.
+ */
+export const usePage = <A>(f: (page: Page, context: BrowserContext) => Promise<A>): Effect.Effect<A, JobError, BrowserSession> =>
+  Effect.flatMap(BrowserSession, (session) =>
+    Effect.tryPromise({
+      try: () => f(session.page, session.context),
+      catch: (e) =>
+        isGone(e) ? crashed(e) : new JobError({ code: BrowserErrorCode.actionFailed, message: whatFailed(e) })
+    })
   )
 
 /** The browser died under the job: `BROWSER_CRASHED`, retried while the job has attempts left. */
@@ -189,6 +235,14 @@ export const crashed = (e: unknown): JobError =>
 /** The first line of an error's message (Playwright's carry a call log below it). */
 export const firstLine = (e: unknown): string =>
   String(e instanceof Error ? e.message : e).split("\n")[0]!.slice(0, 300)
+
+/** A Playwright error's first line and, from its call log, what it was waiting for (the selector). */
+export const whatFailed = (e: unknown): string => {
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: Playwright colours its call log
+  const log = String(e instanceof Error ? e.message : e).replace(/\u001b\[[0-9;]*m/g, "")
+  const waiting = /^\s*-\s*(waiting for .*)$/m.exec(log)?.[1]
+  return waiting === undefined ? firstLine(e) : `${firstLine(e)} (${waiting.slice(0, 300)})`
+}
 
 /** Whether a Playwright error says the browser (or its page) is gone. */
 export const isGone = (e: unknown): boolean =>

@@ -9,7 +9,7 @@
 import { Cause, Duration, Effect, Either, Exit, Option, ParseResult, Schema } from "effect"
 import type { Page } from "playwright-core"
 import * as JobHandler from "../runtime/jobs/JobHandler.ts"
-import { type Browser, BrowserSession, crashed, firstLine, isGone, withSession } from "./Browser.ts"
+import { type Browser, BrowserSession, crashed, isGone, whatFailed, withSession } from "./Browser.ts"
 import type { ArtifactStore } from "./ArtifactStore.ts"
 import * as Captcha from "./Captcha.ts"
 
@@ -107,7 +107,8 @@ export const handlers = (browser: Browser, artifacts?: ArtifactStore): JobHandle
   JobHandler.handlers({
     recipe: Effect.gen(function* () {
       const recipe = yield* JobHandler.payload(Recipe)
-      return yield* withSession(browser, run(recipe, artifacts))
+      // The recipe records the page itself, after each navigating step (before any hand-off).
+      return yield* withSession(browser, run(recipe, artifacts), { followNavigation: false })
     })
   })
 
@@ -155,7 +156,7 @@ export const run = (recipe: Recipe, artifacts?: ArtifactStore) =>
                   ? crashed(e)
                   : new JobHandler.JobError({
                       code: "RECIPE_STEP_FAILED",
-                      message: `step ${i + 1} (${step.name ?? step.action}) failed on ${safeUrl(page)}: ${firstLine(e)}`
+                      message: `step ${i + 1} (${step.name ?? step.action}) failed on ${safeUrl(page)}: ${whatFailed(e)}`
                     })
             })
       const attempt = JobHandler.cookbookStep(label, action, { index: i + 1, total })

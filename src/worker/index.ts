@@ -23,12 +23,17 @@ import * as JobHandler from "../runtime/jobs/JobHandler.ts"
 
 export * as JobHandler from "../runtime/jobs/JobHandler.ts"
 export { builtinHandlers } from "../handlers/Builtin.ts"
+/** The page of a job, for TypeScript handlers: `withPage(handler)` gives it `BrowserSession`. */
+export { BrowserSession, BrowserTag, type Session, usePage, withPage } from "../browser/Browser.ts"
 export type { Interaction, Resolution } from "../protocol/Jobs.ts"
 
 /** A worker's settings; each one left out comes from the environment variable it names. */
 export interface Options {
-  /** Your handlers by job type (`JobHandler.handlers({...})`), added to the built-in ones. */
-  readonly handlers: JobHandler.Handlers
+  /**
+   * Your handlers by job type (`JobHandler.handlers({...})`), added to the built-in ones. A
+   * handler may need `BrowserTag` (`withPage` handlers): the worker provides its browser.
+   */
+  readonly handlers: JobHandler.Handlers<Browser.BrowserTag>
   /** `TROUPE_NODE_ID` (default: the host name); `make` runs on the node it is given instead. */
   readonly nodeId?: string
   /** `GH_WORKER_ID` (default `worker-<node id>`). */
@@ -78,7 +83,10 @@ export const make = (
     // Launched on the first browser job only; closed after the worker (made before it).
     const browser = yield* Browser.make(yield* Browser.OptionsConfig)
     const artifacts = ArtifactStore.filesystem(Path.join((yield* NodeConfig).dataDir, "artifacts"))
-    const handlers = { ...builtinHandlers, ...Recipe.handlers(browser, artifacts), ...options.handlers }
+    const yours = Object.fromEntries(
+      Object.entries(options.handlers).map(([type, h]) => [type, Effect.provideService(h, Browser.BrowserTag, browser)])
+    )
+    const handlers = { ...builtinHandlers, ...Recipe.handlers(browser, artifacts), ...yours }
     const maxConcurrent = options.maxConcurrent ?? config.maxConcurrent
     const worker = yield* Worker.make(node, {
       workerId: options.workerId ?? Option.getOrUndefined(config.workerId),

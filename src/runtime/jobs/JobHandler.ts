@@ -86,14 +86,17 @@ export interface JobContextShape {
 /** The running job, for its handler. */
 export class JobContext extends Context.Tag("troupe/runtime/JobContext")<JobContext, JobContextShape>() {}
 
-/** A handler: its result becomes the job's `result`. */
-export type Handler = Effect.Effect<unknown, JobError | HitlTimeout, JobContext>
+/**
+ * A handler: its result becomes the job's `result`. `R` is what else it needs that its worker
+ * provides (`troupe/worker` provides `BrowserTag`, for `withPage` handlers).
+ */
+export type Handler<R = never> = Effect.Effect<unknown, JobError | HitlTimeout, JobContext | R>
 
 /** Handlers by `job_type`. */
-export type Handlers = Readonly<Record<string, Handler>>
+export type Handlers<R = never> = Readonly<Record<string, Handler<R>>>
 
 /** Declare handlers by `job_type`. */
-export const handlers = (record: Handlers): Handlers => record
+export const handlers = <R = never>(record: Handlers<R>): Handlers<R> => record
 
 /** The payload, decoded with a Schema; a mismatch fails the job with `INVALID_PAYLOAD`. */
 export const payload = <A, I>(schema: Schema.Schema<A, I, never>): Effect.Effect<A, JobError, JobContext> =>
