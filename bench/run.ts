@@ -21,6 +21,10 @@ const benchmarks: Record<
   edge: {
     description: "WebSocket submit and cancel latency, event fan-out to 1,000 subscribers",
     load: () => import("./edge.ts")
+  },
+  browser: {
+    description: "recipe overhead vs plain Playwright, session start, cancel, resume, RSS per context, jobs/min",
+    load: () => import("./browser.ts")
   }
 }
 
