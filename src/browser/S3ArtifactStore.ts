@@ -40,18 +40,18 @@ export interface Options {
   readonly client?: S3Client
 }
 
-/** S3 refused or could not be reached: what was being done, to which object, and S3's reason. */
+/**
+ * S3 refused or could not be reached: what was being done, to which object, and S3's reason
+ * (`could not store the screenshot s3://<bucket>/<key>: AccessDenied (HTTP 403): Access Denied`).
+ */
 export class S3ArtifactError extends Data.TaggedError("S3ArtifactError")<{
+  readonly message: string
   readonly action: "store" | "sign a URL for" | "read"
   readonly bucket: string
   readonly key: string
   /** The SDK error's name and message (never its other fields, which may name the access key). */
   readonly reason: string
-}> {
-  override get message() {
-    return `could not ${this.action} the screenshot s3://${this.bucket}/${this.key}: ${this.reason}`
-  }
-}
+}> {}
 
 /** An artifact store in S3: its failures are `S3ArtifactError`s. */
 export interface S3Store extends ArtifactStore {
@@ -67,8 +67,12 @@ export const s3 = (options: Options): S3Store => {
   const client =
     options.client ?? new S3Client(options.region === undefined ? {} : { region: options.region })
   const keyOf = (token: string) => (prefix === "" ? `${token}.png` : `${prefix}/${token}.png`)
-  const failed = (action: S3ArtifactError["action"], key: string) => (e: unknown) =>
-    new S3ArtifactError({ action, bucket, key, reason: reasonOf(e) })
+  const failed = (action: S3ArtifactError["action"], key: string) => (e: unknown) => {
+    const reason = reasonOf(e)
+    // The message is a field, so that logs (which print an error's fields) show it.
+    const message = `could not ${action} the screenshot s3://${bucket}/${key}: ${reason}`
+    return new S3ArtifactError({ message, action, bucket, key, reason })
+  }
 
   return {
     putPng: (bytes) =>

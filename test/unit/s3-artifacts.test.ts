@@ -144,15 +144,20 @@ describe("the S3 artifact store", () => {
       )
       stub.on(PutObjectCommand).rejects(denied)
 
-      const error = yield* Effect.flip(S3ArtifactStore.s3({ bucket, prefix: "shots", client }).putPng(png))
+      const e = yield* Effect.flip(S3ArtifactStore.s3({ bucket, prefix: "shots", client }).putPng(png))
 
-      expect(error).toBeInstanceOf(S3ArtifactStore.S3ArtifactError)
-      const e = error
+      expect(e).toBeInstanceOf(S3ArtifactStore.S3ArtifactError)
       expect(e.bucket).toBe(bucket)
       expect(e.key).toMatch(/^shots\/[A-Za-z0-9_-]{32}\.png$/)
       expect(e.message).toBe(
         `could not store the screenshot s3://${bucket}/${e.key}: AccessDenied (HTTP 403): Access Denied`
       )
+      // Logs print an error's fields: the message is one of them.
+      expect(JSON.parse(JSON.stringify(e))).toMatchObject({
+        _tag: "S3ArtifactError",
+        message: e.message,
+        bucket
+      })
       const everything = `${e.message} ${JSON.stringify(e)} ${String(e)}`
       expect(everything).not.toContain(accessKeyId)
       expect(everything).not.toContain(secretAccessKey)
