@@ -1,13 +1,15 @@
 /**
  * `npm run protocol:schema`: writes `docs/protocol.schema.json`, the JSON Schema of protocol
- * v1 for clients not written in TypeScript, from the Schemas in `src/protocol/Edge.ts`
- * (`documented`). `test/unit/protocol-schema.test.ts` fails when the committed file is stale.
+ * v1 for clients not written in TypeScript, from the Schemas in `src/protocol/Edge.ts` and
+ * the live view's in `src/protocol/Live.ts` (their `documented`).
+ * `test/unit/protocol-schema.test.ts` fails when the committed file is stale.
  */
 import { fileURLToPath, pathToFileURL } from "node:url"
 import { FileSystem } from "@effect/platform"
 import { NodeFileSystem, NodeRuntime } from "@effect/platform-node"
 import { Console, Effect, JSONSchema } from "effect"
 import * as Edge from "../src/protocol/Edge.ts"
+import * as Live from "../src/protocol/Live.ts"
 
 /** Where the generated document lives. */
 export const outputPath = fileURLToPath(new URL("../docs/protocol.schema.json", import.meta.url))
@@ -19,7 +21,7 @@ export const outputPath = fileURLToPath(new URL("../docs/protocol.schema.json", 
 export const render = (): string => {
   const defs: Record<string, unknown> = {}
   const shared: Record<string, unknown> = {}
-  for (const [name, schema] of Object.entries(Edge.documented)) {
+  for (const [name, schema] of Object.entries({ ...Edge.documented, ...Live.documented })) {
     // A document's own `$defs` are referenced as `#/$defs/<ref>`: hoisted to the root, they
     // resolve the same.
     const { $schema: _, $defs = {}, ...body } = JSONSchema.make(schema as Schema)
@@ -42,7 +44,7 @@ export const render = (): string => {
     $schema: "http://json-schema.org/draft-07/schema#",
     title: `troupe protocol v${Edge.version}`,
     description:
-      "Generated from src/protocol/Edge.ts by `npm run protocol:schema`; do not edit. See docs/PROTOCOL.md.",
+      "Generated from src/protocol/Edge.ts and src/protocol/Live.ts by `npm run protocol:schema`; do not edit. See docs/PROTOCOL.md.",
     $defs: defs
   }
   return `${JSON.stringify(document, null, 2)}\n`

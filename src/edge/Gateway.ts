@@ -1,9 +1,10 @@
 /**
  * The gateway's edge: one HTTP server (`TROUPE_HTTP_PORT`, default 3100) that serves the
  * client app's WebSocket protocol v1 at `/v1/ws` (with `ws`; each socket is a
- * `Connection.ts`) and the REST compatibility routes, health and metrics (with
- * `@effect/platform`, see `Rest.ts`). This file holds the server, the upgrade and the
- * keepalive. Every request is a thin translation onto the job service, the event stream and
+ * `Connection.ts`), the REST compatibility routes, health and metrics (with
+ * `@effect/platform`, see `Rest.ts`), and the live view of held pages at `/live/<job_id>`
+ * (its page, and its socket proxied to the job's worker node: `Live.ts`). This file holds
+ * the server, the upgrades and the keepalive. Every request is a thin translation onto the job service, the event stream and
  * the monitoring queries: the gateway keeps no job state of its own. See `docs/PROTOCOL.md`.
  */
 import { NodeHttpServer } from "@effect/platform-node"
@@ -16,9 +17,11 @@ import * as Edge from "../protocol/Edge.ts"
 import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
 import * as EventStream from "../runtime/jobs/EventStream.ts"
 import * as Monitoring from "../runtime/jobs/Monitoring.ts"
+import * as WorkerStorage from "../runtime/jobs/WorkerStorage.ts"
 import * as Auth from "./Auth.ts"
 import { Connection, type Limits, type Services } from "./Connection.ts"
 import { Jobs, type JobService } from "./Jobs.ts"
+import * as Live from "./Live.ts"
 import * as Rest from "./Rest.ts"
 
 /** How a gateway listens and protects itself. */
@@ -135,8 +138,12 @@ export const make = (
       maxPayload: Edge.maxFrameBytes,
       perMessageDeflate: false
     })
-    const server = Http.createServer(httpHandler)
+    const live = yield* Live.gatewayDoor({ secret: options.secret, workers: yield* WorkerStorage.make })
+    const server = Http.createServer((req, res) => {
+      if (!Live.servePage(req, res)) httpHandler(req, res)
+    })
     server.on("upgrade", (req: Http.IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (live.upgrade(req, socket, head)) return
       const path = (req.url ?? "/").split("?")[0]
       if (path !== "/v1/ws") return refuseUpgrade(socket, 404, "Not Found")
       const header = req.headers.authorization
@@ -163,6 +170,7 @@ export const make = (
     yield* Effect.addFinalizer(() =>
       Effect.async<void>((resume) => {
         for (const c of connections) c.close(Edge.CloseCode.goingAway, "server shutting down")
+        live.closeAll()
         wss.close()
         // Waits for the sockets too: each ends with its close handshake or is cut 2 s after
         // (by its connection's fiber, which the gateway's scope interrupts only after this).

@@ -2,29 +2,39 @@
  * A worker node's HTTP port (`GH_WORKER_PORT`, default 3101): what deploy tooling and load
  * balancers ask a worker machine directly. `GET /health` (a real database check; 200 when
  * ok, 503 when degraded), `GET /worker/health` (may this machine be redeployed now?),
- * `GET /worker/status`, and `POST /worker/drain` behind `X-Deploy-Secret` =
- * `GH_DEPLOY_SECRET`. The shapes are `Health`, `WorkerHealth`, `WorkerStatus` and
- * `RestError` of `src/protocol/Edge.ts`, and `DrainResult` here. `/worker/health` and
- * `/worker/status` read the worker's memory only, so they answer during a database outage.
+ * `GET /worker/status` (with the browser's figures), `GET /metrics` (Prometheus text), and
+ * `POST /worker/drain` behind `X-Deploy-Secret` = `GH_DEPLOY_SECRET`. The shapes are
+ * `Health`, `WorkerHealth`, `WorkerStatus` and `RestError` of `src/protocol/Edge.ts`, and
+ * `DrainResult` here. `/worker/health`, `/worker/status` and `/metrics` read the worker's
+ * memory only, so they answer during a database outage.
+ *
+ * It also serves the live view of the pages its jobs hold (`/live/<job_id>`, a WebSocket
+ * behind the service secret; see `Live.ts`), and once it listens it records its address in
+ * the worker's registry row (`http_url`), where gateways find it to proxy the live view.
  */
 import {
   Headers,
   HttpRouter,
-  type HttpServerError,
+  HttpServerError,
   HttpServerRequest,
   HttpServerResponse
 } from "@effect/platform"
 import { NodeHttpServer } from "@effect/platform-node"
 import { SqlClient } from "@effect/sql"
-import { Cause, Config, Duration, Effect, Option, Redacted, Schema, type Scope } from "effect"
+import { Cause, Config, Duration, Effect, Fiber, Option, Redacted, Schedule, Schema, type Scope } from "effect"
 import * as Http from "node:http"
+import type { Duplex } from "node:stream"
 import packageJson from "../../package.json" with { type: "json" }
 import { type ErrorCode, Health, RestError, WorkerHealth, WorkerStatus } from "../protocol/Edge.ts"
-import { DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
-import { sameSecret } from "./Auth.ts"
+import { DataDirConfig, DeploymentConfig, listenHost, listenPort } from "../runtime/Config.ts"
+import { gauge } from "../runtime/jobs/Monitoring.ts"
+import * as WorkerStorage from "../runtime/jobs/WorkerStorage.ts"
+import { resolveSecret, sameSecret } from "./Auth.ts"
+import * as Live from "./Live.ts"
 import type { Worker } from "../actors/WorkerActor.ts"
 import type { ArtifactStore } from "../browser/ArtifactStore.ts"
 import type { Browser } from "../browser/Browser.ts"
+import * as LiveView from "../browser/LiveView.ts"
 
 /** Options of a worker node's HTTP server. */
 export interface Options {
@@ -44,13 +54,24 @@ export interface Options {
   readonly artifacts?: ArtifactStore
   /** The node's browser: its figures in `/worker/status` and `/metrics`, and the live view of its pages. */
   readonly browser?: Browser
+  /** The service secret (`GH_SERVICE_SECRET`) the live view is opened with. */
+  readonly serviceSecret?: Redacted.Redacted<string> | undefined
+  /** `TROUPE_DATA_DIR`: without `serviceSecret`, the secret generated there (as a gateway does) is used. */
+  readonly dataDir?: string
+  /** The address recorded for gateways (default `http://<host>:<port>`, `EC2_IP` or 127.0.0.1 for a wildcard host). */
+  readonly advertisedUrl?: string
 }
 
-/** `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, and the deployment (`DeploymentConfig`). */
+/**
+ * `GH_WORKER_PORT`, `TROUPE_HTTP_HOST`, `GH_DEPLOY_SECRET`, `GH_SERVICE_SECRET`,
+ * `TROUPE_DATA_DIR`, and the deployment (`DeploymentConfig`).
+ */
 export const OptionsConfig: Config.Config<Options> = Config.all({
   port: listenPort("GH_WORKER_PORT", 3101),
   host: listenHost,
   deploySecret: Config.option(Config.redacted("GH_DEPLOY_SECRET")).pipe(Config.map(Option.getOrUndefined)),
+  serviceSecret: Config.option(Config.redacted("GH_SERVICE_SECRET")).pipe(Config.map(Option.getOrUndefined)),
+  dataDir: DataDirConfig,
   deployment: DeploymentConfig
 }).pipe(Config.map(({ deployment, ...rest }) => ({ ...rest, ...deployment })))
 
@@ -77,6 +98,8 @@ export interface WorkerHttp {
   /** The bound port (the ephemeral one when asked for port 0). */
   readonly port: number
   readonly host: string
+  /** The address recorded in the registry (`http_url`) for gateways. */
+  readonly url: string
 }
 
 /** Serve a worker's HTTP routes until the scope closes. */
@@ -86,6 +109,7 @@ export const make = (
 ): Effect.Effect<WorkerHttp, HttpServerError.ServeError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
+    const workers = yield* WorkerStorage.make
     const host = options.host ?? "0.0.0.0"
     const environment = options.environment ?? "development"
     const commitSha = options.commitSha ?? "unknown"
@@ -137,7 +161,59 @@ export const make = (
         max_concurrent: state.max_concurrent,
         is_running: state.status !== "offline",
         is_draining: state.status === "draining",
-        uptime_ms: Date.now() - worker.startedAt
+        uptime_ms: Date.now() - worker.startedAt,
+        browser: browserFigures()
+      })
+    })
+
+    const browserFigures = () => {
+      if (options.browser === undefined) return null
+      const stats = options.browser.stats()
+      return {
+        version: stats.version,
+        open_contexts: stats.openContexts,
+        launches: stats.launches,
+        chromium_rss_mb: Math.round((stats.rssBytes / (1024 * 1024)) * 10) / 10
+      }
+    }
+
+    const metrics = Effect.gen(function* () {
+      const state = yield* worker.status
+      const labels = { worker_id: worker.workerId }
+      const families = [
+        gauge("troupe_worker_active_jobs", "Jobs this worker is running now (waiting for a human included).", [
+          [labels, state.active_job_ids.length]
+        ]),
+        gauge("troupe_worker_max_concurrent", "Jobs this worker runs at once at most (MAX_CONCURRENT_JOBS).", [
+          [labels, state.max_concurrent]
+        ]),
+        gauge("troupe_worker_draining", "1 while the worker is draining (it claims no new jobs).", [
+          [labels, state.status === "draining" ? 1 : 0]
+        ]),
+        gauge("troupe_worker_uptime_seconds", "Seconds since the worker registered.", [
+          [labels, Math.floor((Date.now() - worker.startedAt) / 1000)]
+        ])
+      ]
+      if (options.browser !== undefined) {
+        const stats = options.browser.stats()
+        families.push(
+          gauge("troupe_browser_open_contexts", "Browser contexts open now (one per running browser job).", [
+            [labels, stats.openContexts]
+          ]),
+          counter("troupe_browser_launches_total", "Times Chromium was launched (the first job, then after each crash).", [
+            [labels, stats.launches]
+          ]),
+          gauge("troupe_browser_chromium_rss_bytes", "Resident memory of Chromium's processes (0 when not running).", [
+            [labels, stats.rssBytes]
+          ]),
+          gauge("troupe_browser_info", "The running Chromium's version (1 once launched).", [
+            [{ ...labels, version: stats.version ?? "" }, stats.version === null ? 0 : 1]
+          ]),
+          gauge("troupe_live_viewers", "Live view sockets open on this worker.", [[labels, door.connections()]])
+        )
+      }
+      return HttpServerResponse.text(families.join(""), {
+        contentType: "text/plain; version=0.0.4; charset=utf-8"
       })
     })
 
@@ -206,6 +282,7 @@ export const make = (
       HttpRouter.get("/health", health),
       HttpRouter.get("/worker/health", workerHealth),
       HttpRouter.get("/worker/status", workerStatus),
+      HttpRouter.get("/metrics", metrics),
       HttpRouter.post("/worker/drain", drain)
     )
 
@@ -221,15 +298,68 @@ export const make = (
       )
     )
 
+    // --- Live view ---
+
+    const serviceSecret =
+      options.serviceSecret ??
+      (options.dataDir === undefined
+        ? undefined
+        : // Two nodes of one machine may create the secret file at once: the second reads it.
+          (yield* resolveSecret(Option.none(), options.dataDir).pipe(Effect.retry({ times: 1 }), Effect.orDie))
+            .secret)
+    const door = yield* Live.workerDoor({
+      workerId: worker.workerId,
+      live: options.browser === undefined ? undefined : LiveView.make(options.browser),
+      secret: serviceSecret
+    })
+
     // --- Serve ---
 
-    const server = yield* NodeHttpServer.make(() => Http.createServer(), { port: options.port ?? 3101, host })
-    yield* server.serve(app)
-    const address = server.address
-    return {
-      port: address._tag === "TcpAddress" ? address.port : 0,
-      host
-    }
+    const handler = yield* NodeHttpServer.makeHandler(app)
+    const server = Http.createServer(handler)
+    server.on("upgrade", (req: Http.IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (!door.upgrade(req, socket, head)) {
+        socket.end("HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+      }
+    })
+    yield* Effect.async<void, HttpServerError.ServeError>((resume) => {
+      const onError = (cause: Error) => resume(Effect.fail(new HttpServerError.ServeError({ cause })))
+      server.once("error", onError)
+      server.listen(options.port ?? 3101, host, () => {
+        server.off("error", onError)
+        resume(Effect.void)
+      })
+    })
+    yield* Effect.addFinalizer(() =>
+      Effect.async<void>((resume) => {
+        door.closeAll()
+        server.close(() => resume(Effect.void))
+        server.closeAllConnections()
+      })
+    )
+    const address = server.address()
+    const port = typeof address === "object" && address !== null ? address.port : 0
+    const url =
+      options.advertisedUrl ??
+      `http://${host === "0.0.0.0" || host === "::" ? (worker.ec2Ip ?? "127.0.0.1") : host}:${port}`
+    // Gateways proxy the live view here. Recorded in the background (retried through a
+    // database outage, which must not keep the worker from serving), cleared on the way out.
+    const recording = yield* workers.setHttpUrl(worker.workerId, url).pipe(
+      Effect.timeout("5 seconds"),
+      Effect.tapError((e) => Effect.logWarning(`worker http: could not record ${url} in the registry; retrying`, e)),
+      Effect.retry(Schedule.union(Schedule.exponential("100 millis"), Schedule.spaced("10 seconds"))),
+      Effect.forkDaemon
+    )
+    yield* Effect.addFinalizer(() =>
+      Fiber.interruptFork(recording).pipe(
+        Effect.zipRight(workers.setHttpUrl(worker.workerId, null, url)),
+        // A finalizer is uninterruptible: without this the timeout could not stop the statement.
+        Effect.interruptible,
+        Effect.timeout("2 seconds"),
+        Effect.ignore
+      )
+    )
+    return { port, host, url }
   })
 
 // --- internal ---
@@ -239,8 +369,16 @@ const allowed: Record<string, string> = {
   "/health": "GET, HEAD",
   "/worker/health": "GET, HEAD",
   "/worker/status": "GET, HEAD",
+  "/metrics": "GET, HEAD",
   "/worker/drain": "POST"
 }
+
+/** A counter family in the Prometheus text format. */
+const counter = (
+  name: string,
+  help: string,
+  samples: ReadonlyArray<readonly [Readonly<Record<string, string>>, number]>
+): string => gauge(name, help, samples).replace(`# TYPE ${name} gauge`, `# TYPE ${name} counter`)
 
 const json = <A, I>(schema: Schema.Schema<A, I>, body: NoInfer<A>, status = 200) =>
   HttpServerResponse.schemaJson(schema)(body, { status }).pipe(Effect.orDie)
@@ -259,7 +397,7 @@ const notFound = (request: HttpServerRequest.HttpServerRequest) => {
     return failure(
       404,
       "NOT_FOUND",
-      `no route ${request.method} ${path}: a worker answers GET /health, GET /worker/health, GET /worker/status and POST /worker/drain`
+      `no route ${request.method} ${path}: a worker answers GET /health, GET /worker/health, GET /worker/status, GET /metrics and POST /worker/drain`
     )
   }
   return failure(

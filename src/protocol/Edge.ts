@@ -258,7 +258,16 @@ export const WorkerStatus = Schema.Struct({
   max_concurrent: Schema.Number,
   is_running: Schema.Boolean,
   is_draining: Schema.Boolean,
-  uptime_ms: Schema.Number
+  uptime_ms: Schema.Number,
+  /** The node's browser (null on a worker that has none): Chromium's version once launched, its open contexts, launches, and resident memory. */
+  browser: Schema.NullOr(
+    Schema.Struct({
+      version: Schema.NullOr(Schema.String),
+      open_contexts: Schema.Number,
+      launches: Schema.Number,
+      chromium_rss_mb: Schema.Number
+    })
+  )
 })
 export type WorkerStatus = typeof WorkerStatus.Type
 

@@ -6,8 +6,10 @@ import * as Net from "node:net"
 import pg from "pg"
 import packageJson from "../../package.json" with { type: "json" }
 import * as WorkerActor from "../../src/actors/WorkerActor.ts"
+import * as Browser from "../../src/browser/Browser.ts"
 import * as WorkerHttp from "../../src/edge/WorkerHttp.ts"
 import * as Db from "../fixtures/Db.ts"
+import * as Ws from "../fixtures/Ws.ts"
 import {
   command,
   eventually,
@@ -201,6 +203,7 @@ describe("worker node HTTP", () => {
         expect(Object.keys(status.body).sort()).toEqual(
           [
             "active_jobs",
+            "browser",
             "ec2_instance_id",
             "ec2_ip",
             "is_draining",
@@ -220,6 +223,8 @@ describe("worker node HTTP", () => {
         expect(Number.isInteger(status.body.uptime_ms)).toBe(true)
         expect(status.body.uptime_ms).toBeGreaterThanOrEqual(0)
         expect(status.body.uptime_ms).toBeLessThanOrEqual(Date.now() - startedAround)
+        // No browser handed to this server.
+        expect(status.body.browser).toBeNull()
 
         const k = key()
         const job = yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
@@ -399,6 +404,89 @@ describe("worker node HTTP", () => {
       })
     )
 
+    it.scoped("/worker/status and /metrics carry the browser's figures; the registry gets the server's address", () =>
+      Effect.gen(function* () {
+        const { jobs } = yield* startGateway("gw-m")
+        const w = yield* startWorker("m1", { maxConcurrent: 3 })
+        // A browser that has not been launched yet (no browser job has run): its figures are zero.
+        const browser = yield* Browser.make({ executablePath: "/nonexistent/chromium" })
+        const scope = yield* Scope.make()
+        const base = yield* serve(w, { browser }).pipe(Scope.extend(scope))
+        const status = (yield* call(`${base}/worker/status`)).body
+        expect(status.browser).toEqual({ version: null, open_contexts: 0, launches: 0, chromium_rss_mb: 0 })
+
+        const k = key()
+        yield* jobs.submit({ job_type: "ctl", payload: { key: k } })
+        yield* startedOf(k)
+        const response = yield* Effect.promise(() => fetch(`${base}/metrics`))
+        expect(response.status).toBe(200)
+        expect(response.headers.get("content-type")).toBe("text/plain; version=0.0.4; charset=utf-8")
+        const text = yield* Effect.promise(() => response.text())
+        for (const line of [
+          "# TYPE troupe_worker_active_jobs gauge",
+          'troupe_worker_active_jobs{worker_id="w-m1"} 1',
+          'troupe_worker_max_concurrent{worker_id="w-m1"} 3',
+          'troupe_worker_draining{worker_id="w-m1"} 0',
+          "# TYPE troupe_browser_open_contexts gauge",
+          'troupe_browser_open_contexts{worker_id="w-m1"} 0',
+          "# TYPE troupe_browser_launches_total counter",
+          'troupe_browser_launches_total{worker_id="w-m1"} 0',
+          'troupe_browser_chromium_rss_bytes{worker_id="w-m1"} 0',
+          'troupe_browser_info{worker_id="w-m1",version=""} 0',
+          'troupe_live_viewers{worker_id="w-m1"} 0'
+        ]) {
+          expect(text.split("\n"), line).toContain(line)
+        }
+        yield* command(k, { _tag: "complete" })
+
+        // Where gateways find this worker's live view; cleared when the server stops.
+        const httpUrl = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+          Effect.map(
+            sql<{ http_url: string | null }>`SELECT http_url FROM gh_worker_registry WHERE worker_id = 'w-m1'`,
+            (rows) => rows[0]?.http_url
+          )
+        )
+        yield* eventually(Effect.map(httpUrl, (url) => (url === base ? url : undefined)))
+        yield* Scope.close(scope, Exit.void)
+        expect(yield* httpUrl).toBeNull()
+      })
+    )
+
+    it.scoped("/live/<job_id> on a worker: a WebSocket behind the service secret; no page here is named", () =>
+      Effect.gen(function* () {
+        const w = yield* startWorker("lv1")
+        const browser = yield* Browser.make({ executablePath: "/nonexistent/chromium" })
+        const noSecret = (yield* serve(w, { browser })).replace("http", "ws")
+        const withSecret = (yield* serve(w, { browser, serviceSecret: Redacted.make("live-s3cret") })).replace(
+          "http",
+          "ws"
+        )
+        const jobId = "0b0e2f4c-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
+        // No service secret configured: the live view is off, and says what to set.
+        const off = yield* Ws.connect(`${noSecret}/live/${jobId}`)
+        off.send({ v: 1, type: "auth", token: "anything" })
+        expect((yield* off.closed()).code).toBe(4401)
+        expect(off.frames[0]).toMatchObject({ code: "UNAUTHORIZED", message: expect.stringContaining("GH_SERVICE_SECRET") })
+        // The secret on the upgrade, or in the auth frame; then a job with no page here is named.
+        const byHeader = yield* Ws.connect(`${withSecret}/live/${jobId}`, { secret: "live-s3cret" })
+        expect((yield* byHeader.closed()).code).toBe(4404)
+        expect(byHeader.frames).toEqual([
+          {
+            v: 1,
+            type: "error",
+            code: "NOT_FOUND",
+            message: `job ${jobId} has no open page on this worker: it is not running here, or it has no browser session`
+          }
+        ])
+        const byFrame = yield* Ws.connect(`${withSecret}/live/${jobId}`)
+        byFrame.send({ v: 1, type: "auth", token: "live-s3cret" })
+        expect((yield* byFrame.closed()).code).toBe(4404)
+        // Other paths are not upgraded.
+        const elsewhere = yield* Ws.connect(`${withSecret}/worker/status`).pipe(Effect.flip)
+        expect(elsewhere.message).toBe("upgrade refused: HTTP 404")
+      })
+    )
+
     it.scoped("the server stops when its scope closes", () =>
       Effect.gen(function* () {
         const w = yield* startWorker("c1")
@@ -421,6 +509,8 @@ describe("worker node HTTP", () => {
         port: 3101,
         host: "0.0.0.0",
         deploySecret: undefined,
+        serviceSecret: undefined,
+        dataDir: ".troupe",
         environment: "development",
         commitSha: "unknown"
       })
@@ -431,6 +521,7 @@ describe("worker node HTTP", () => {
               ["GH_WORKER_PORT", "4101"],
               ["TROUPE_HTTP_HOST", "127.0.0.1"],
               ["GH_DEPLOY_SECRET", secret],
+              ["GH_SERVICE_SECRET", "service-s3cret"],
               ["NODE_ENV", "production"],
               ["COMMIT_SHA", "deadbeef"]
             ])
@@ -440,6 +531,9 @@ describe("worker node HTTP", () => {
       expect(set.port).toBe(4101)
       expect(set.host).toBe("127.0.0.1")
       expect(Option.map(Option.fromNullable(set.deploySecret), Redacted.value)).toEqual(Option.some(secret))
+      expect(Option.map(Option.fromNullable(set.serviceSecret), Redacted.value)).toEqual(
+        Option.some("service-s3cret")
+      )
       expect(set.environment).toBe("production")
       expect(set.commitSha).toBe("deadbeef")
       const bad = yield* WorkerHttp.OptionsConfig.pipe(

@@ -3,6 +3,7 @@ import { describe, expect, it } from "@effect/vitest"
 import { Either, ParseResult, Schema } from "effect"
 import { outputPath, render } from "../../scripts/protocol-schema.ts"
 import * as Edge from "../../src/protocol/Edge.ts"
+import * as Live from "../../src/protocol/Live.ts"
 import { DeregisterRequest, Resolution } from "../../src/protocol/Jobs.ts"
 
 const protocolMd = readFileSync(new URL("../../docs/PROTOCOL.md", import.meta.url), "utf8")
@@ -120,5 +121,19 @@ describe("docs/PROTOCOL.md examples", () => {
       Edge.ErrorCode.literals.filter((c) => !codes.has(c)),
       "error codes without an example reply"
     ).toEqual([])
+  })
+
+  it("the live view's frames decode with Live.ClientFrame and Live.ServerFrame, and every type is shown", () => {
+    const client = frames("live-client")
+    const server = frames("live-server")
+    for (const e of client) expect(decodeError(Live.ClientFrame, e.value), `PROTOCOL.md:${e.line}`).toBe("")
+    for (const e of server) expect(decodeError(Live.ServerFrame, e.value), `PROTOCOL.md:${e.line}`).toBe("")
+    expect([...new Set(client.map((e) => field(e.value, "type")))].sort()).toEqual(
+      ["auth", "click", "key", "scroll", "type"]
+    )
+    expect([...new Set(server.map((e) => field(e.value, "type")))].sort()).toEqual(["ended", "error", "frame", "ready"])
+    const codes = new Set(server.map((e) => field(e.value, "code")).filter((c) => c !== undefined))
+    // INTERNAL is in the table of refusals; every other code has an example frame.
+    expect(Live.ErrorCode.literals.filter((c) => c !== "INTERNAL" && !codes.has(c))).toEqual([])
   })
 })

@@ -320,6 +320,15 @@ const m0006_claim_pick = Effect.gen(function* () {
     $$`)
 })
 
+/**
+ * `gh_worker_registry.http_url`: where a worker's HTTP server answers, set once it listens.
+ * A gateway proxies a job's live view to its worker there (frames never go through Postgres).
+ */
+const m0007_worker_http_url = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  yield* sql`ALTER TABLE gh_worker_registry ADD COLUMN http_url text`
+})
+
 /** All migrations, by id. Append; never edit one that has shipped. */
 export const migrations: Record<string, Effect.Effect<void, unknown, SqlClient.SqlClient>> = {
   "1_runtime": m0001_runtime,
@@ -327,7 +336,8 @@ export const migrations: Record<string, Effect.Effect<void, unknown, SqlClient.S
   "3_jobs": m0003_jobs,
   "4_event_stream": m0004_event_stream,
   "5_job_offers": m0005_job_offers,
-  "6_claim_pick": m0006_claim_pick
+  "6_claim_pick": m0006_claim_pick,
+  "7_worker_http_url": m0007_worker_http_url
 }
 
 const runMigrator = Migrator.make({})

@@ -148,7 +148,28 @@ export const make = Effect.gen(function* () {
     sql`UPDATE gh_worker_registry SET browser_session_id = ${sessionId}, current_task_url = ${url}
         WHERE worker_id = ${workerId}::text`.pipe(Effect.asVoid)
 
-  return refailAll({ register, heartbeat, setStatus, find, reap, setBrowser })
+  /**
+   * Where the worker's HTTP server answers (`http://host:port`), once it listens; null when
+   * it stops (only if it still names that address: a newer process of the worker may have
+   * set its own). The gateway proxies the live view there.
+   */
+  const setHttpUrl = (workerId: string, url: string | null, previous?: string) =>
+    sql`UPDATE gh_worker_registry SET http_url = ${url}
+        WHERE worker_id = ${workerId}::text AND (${previous ?? null}::text IS NULL OR http_url = ${previous ?? null}::text)`.pipe(
+      Effect.asVoid
+    )
+
+  /**
+   * Where a job's page is: its status, its worker, that worker's registry status and HTTP
+   * address (the live view's route, found as a cancel's is); none when there is no such job.
+   */
+  const pageOf = (jobId: string) =>
+    sql<{ status: string; worker_id: string | null; worker_status: string | null; http_url: string | null }>`
+      SELECT j.status, j.worker_id, w.status AS worker_status, w.http_url
+      FROM gh_automation_jobs j LEFT JOIN gh_worker_registry w ON w.worker_id = j.worker_id
+      WHERE j.id = ${jobId}::uuid`.withoutTransform.pipe(Effect.map((rows) => rows[0]))
+
+  return refailAll({ register, heartbeat, setStatus, find, reap, setBrowser, setHttpUrl, pageOf })
 })
 
 /** The worker statements. */
