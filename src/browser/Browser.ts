@@ -121,14 +121,17 @@ export const make = (options: Options = {}): Effect.Effect<Browser, never, Scope
 
     const session = (jobId?: string) => Effect.gen(function* () {
       const browser = yield* ensure
+      // Counted inside the acquire (which cannot be interrupted), so a cancel that lands just
+      // after the context opened cannot make its release uncount it without a count.
       const context = yield* Effect.acquireRelease(
-        Effect.tryPromise({ try: () => browser.newContext(), catch: (e) => crashed(e) }),
+        Effect.tryPromise({ try: () => browser.newContext(), catch: (e) => crashed(e) }).pipe(
+          Effect.tap(() => Effect.sync(() => contexts++))
+        ),
         (context) =>
           Effect.promise(() => context.close().catch(() => undefined)).pipe(
             Effect.ensuring(Effect.sync(() => contexts--))
           )
       )
-      contexts++
       const prepare = options.onContext
       if (prepare !== undefined) yield* Effect.tryPromise({ try: () => prepare(context), catch: (e) => crashed(e) })
       const page = yield* Effect.tryPromise({ try: () => context.newPage(), catch: (e) => crashed(e) })

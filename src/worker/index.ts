@@ -8,7 +8,6 @@
  */
 import type { SqlClient } from "@effect/sql"
 import { Cause, Context, Effect, Exit, Layer, Option, Schema, Scope } from "effect"
-import * as Path from "node:path"
 import * as ArtifactStore from "../browser/ArtifactStore.ts"
 import * as Browser from "../browser/Browser.ts"
 import * as Recipe from "../browser/Recipe.ts"
@@ -82,7 +81,8 @@ export const make = (
     }
     // Launched on the first browser job only; closed after the worker (made before it).
     const browser = yield* Browser.make(yield* Browser.OptionsConfig)
-    const artifacts = ArtifactStore.filesystem(Path.join((yield* NodeConfig).dataDir, "artifacts"))
+    // TROUPE_ARTIFACTS: under the data dir (default) or s3://bucket/prefix.
+    const artifacts = yield* ArtifactStore.fromConfig((yield* NodeConfig).dataDir)
     const yours = Object.fromEntries(
       Object.entries(options.handlers).map(([type, h]) => [type, Effect.provideService(h, Browser.BrowserTag, browser)])
     )
